@@ -1,0 +1,355 @@
+"""Gradient-based evasion attacks in pixel space [0, 1]: FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool.
+
+Every attack is a configured callable with one shape, ``x_adv = attack(model, x, y)``:
+
+    >>> atk = PGD(eps=0.1, steps=40, seed=0)
+    >>> x_adv = atk(model, x, y)        # (N, C, H, W) in [0, 1], ||x_adv - x||_inf <= 0.1
+
+``model`` is any callable from [0, 1] images to logits (a classifier, or a whole defended pipeline for adaptive
+attacks). ``y=None`` attacks the model's own predictions; ``targeted=True`` reads ``y`` as target labels. Attacks run
+on the device of ``x``, put ``nn.Module`` models in eval mode (restored afterwards), never accumulate parameter
+gradients, and work when called inside ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trn.errors import ConfigError
+from trn.validation import check_images, check_labels
+
+__all__ = [
+    "Attack", "FGSM", "BIM", "PGD", "MIM", "CW", "DeepFool",
+    "create_attack", "list_attacks", "input_gradient", "project",
+]
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+_TINY = 1e-12
+
+
+def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-sample p-norm, shaped (B, 1, 1, 1) for broadcasting."""
+    return t.flatten(1).norm(p=p, dim=1).clamp_min(_TINY).view(-1, 1, 1, 1)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x`` intersected with [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _flat_norm(delta, 2)).clamp(max=1.0)
+    # Clamping to [0, 1] can only shrink |delta| per pixel, so the result stays inside the ball.
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def input_gradient(model: Model, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d x, logits) for a batch, without touching parameter gradients."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    if loss == "ce":
+        value = F.cross_entropy(logits, y, reduction="sum")
+    elif loss == "cw":  # margin loss: max_{j != y} z_j - z_y
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+        value = (other - z_y).sum()
+    else:
+        raise ConfigError(f"unknown attack loss {loss!r}; use 'ce' or 'cw'")
+    (grad,) = torch.autograd.grad(value, x)
+    return grad, logits.detach()
+
+
+@dataclass
+class Attack:
+    """Base: config fields, input checks, eval-mode handling. Subclasses implement :meth:`perturb`."""
+
+    eps: float = 0.1
+    targeted: bool = False
+    seed: int | None = 0
+
+    name = "attack"
+    norm: Literal["linf", "l2"] = "linf"
+
+    def __post_init__(self) -> None:
+        if not self.eps >= 0 or self.eps != self.eps:
+            raise ConfigError(f"{type(self).__name__}: eps must be >= 0, got {self.eps}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("steps", "max_iter", "binary_search_steps") and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{type(self).__name__}: {f.name} must be a positive integer, got {v!r}")
+
+    def params(self) -> dict:
+        """The attack's settings, for metadata."""
+        return {"attack": self.name, "norm": self.norm, **dataclasses.asdict(self)}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
+
+    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_images(x, allow_empty=True, name="x")
+        if len(x) == 0:
+            return x.clone()
+        modules = [m for m in (model,) if isinstance(m, nn.Module)]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with torch.enable_grad():
+                if y is None:
+                    if self.targeted:
+                        raise ConfigError(f"{type(self).__name__}: targeted attacks need target labels y")
+                    with torch.no_grad():
+                        y = model(x).argmax(1)
+                check_labels(y, len(x))
+                y = y.to(x.device)
+                x_adv = self.perturb(model, x.detach(), y)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        return x_adv.detach()
+
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _ascent_sign(self) -> float:
+        """+1 to increase the loss of y (untargeted), -1 to decrease it (targeted towards y)."""
+        return -1.0 if self.targeted else 1.0
+
+
+@dataclass
+class PGD(Attack):
+    """Projected Gradient Descent (Madry et al. 2018), Linf or L2, with a uniform random start.
+
+    ``alpha`` defaults to 2.5 * eps / steps (Madry's rule of thumb). Linf steps use the gradient sign, L2 steps the
+    L2-normalised gradient.
+    """
+
+    steps: int = 10
+    alpha: float | None = None
+    norm: Literal["linf", "l2"] = "linf"
+    random_start: bool = True
+    loss: Literal["ce", "cw"] = "ce"
+
+    name = "pgd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"{type(self).__name__}: norm must be 'linf' or 'l2', got {self.norm!r}")
+
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.random_start or self.eps == 0:
+            return x.clone()
+        g = self._generator(x.device)
+        if self.norm == "linf":
+            noise = (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * self.eps
+        else:
+            noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+            r = torch.rand((len(x), 1, 1, 1), generator=g, device=x.device, dtype=x.dtype)
+            noise = noise / _flat_norm(noise, 2) * r * self.eps
+        return project(x + noise, x, self.eps, self.norm)
+
+    def _direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        return grad.sign() if self.norm == "linf" else grad / _flat_norm(grad, 2)
+
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv, alpha, state = self._start(x), self.step_size(), {}
+        for _ in range(self.steps):
+            grad, _ = input_gradient(model, x_adv, y, self.loss)
+            x_adv = project(x_adv + self._ascent_sign() * alpha * self._direction(grad, state), x, self.eps, self.norm)
+        return x_adv
+
+
+@dataclass
+class BIM(PGD):
+    """Basic Iterative Method (Kurakin et al. 2017): PGD without the random start."""
+
+    random_start: bool = False
+    name = "bim"
+
+
+@dataclass
+class FGSM(PGD):
+    """Fast Gradient Sign Method (Goodfellow et al. 2015): one step of size eps, no random start."""
+
+    steps: int = 1
+    random_start: bool = False
+    name = "fgsm"
+
+    def step_size(self) -> float:
+        return self.eps
+
+
+@dataclass
+class MIM(PGD):
+    """Momentum Iterative Method (Dong et al. 2018): accumulates L1-normalised gradients with ``decay``."""
+
+    decay: float = 1.0
+    random_start: bool = False
+    name = "mim"
+
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else self.eps / self.steps
+
+    def _direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        g = grad / grad.abs().flatten(1).mean(1).clamp_min(_TINY).view(-1, 1, 1, 1)
+        state["m"] = self.decay * state.get("m", torch.zeros_like(g)) + g
+        return super()._direction(state["m"], state)
+
+
+@dataclass
+class CW(Attack):
+    """Carlini-Wagner L2 (2017): Adam on tanh-space variables minimising ||delta||_2^2 + c * margin loss.
+
+    ``eps`` here is an optional hard L2 budget (0 = unbounded, the classic minimal-perturbation attack); with a
+    budget, the best adversarial found inside the ball is returned, else the last iterate projected onto it. Binary
+    search over ``c`` runs ``binary_search_steps`` rounds of ``steps`` Adam steps.
+    """
+
+    eps: float = 0.0
+    c: float = 1.0
+    kappa: float = 0.0
+    steps: int = 100
+    lr: float = 0.01
+    binary_search_steps: int = 1
+    norm: Literal["linf", "l2"] = "l2"
+    name = "cw"
+
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = len(x)
+        c = torch.full((b,), self.c, device=x.device)
+        lo, hi = torch.zeros_like(c), torch.full_like(c, 1e10)
+        best_l2 = torch.full((b,), float("inf"), device=x.device)
+        best = x.clone()
+        w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+        onehot = F.one_hot(y, num_classes=model(x[:1]).shape[1]).bool()
+        for _ in range(self.binary_search_steps):
+            w = w0.clone().requires_grad_(True)
+            opt = torch.optim.Adam([w], lr=self.lr)
+            success = torch.zeros(b, dtype=torch.bool, device=x.device)
+            for _ in range(self.steps):
+                x_adv = (torch.tanh(w) + 1) / 2
+                logits = model(x_adv)
+                z_y = logits.masked_fill(~onehot, float("-inf")).amax(1)
+                z_o = logits.masked_fill(onehot, float("-inf")).amax(1)
+                margin = (z_o - z_y) if self.targeted else (z_y - z_o)   # want <= -kappa
+                f = margin.clamp(min=-self.kappa)
+                l2 = (x_adv - x).flatten(1).pow(2).sum(1)
+                loss = (l2 + c * f).sum()
+                opt.zero_grad()
+                (gw,) = torch.autograd.grad(loss, w)
+                w.grad = gw
+                opt.step()
+                with torch.no_grad():
+                    ok = margin < 0 if self.kappa == 0 else margin <= -self.kappa
+                    d = l2.sqrt()
+                    if self.eps > 0:
+                        ok &= d <= self.eps
+                    improve = ok & (d < best_l2)
+                    best_l2 = torch.where(improve, d, best_l2)
+                    best[improve] = x_adv.detach()[improve]
+                    success |= ok
+            with torch.no_grad():  # binary search on c: smaller on success, larger on failure
+                hi = torch.where(success, torch.minimum(hi, c), hi)
+                lo = torch.where(success, lo, torch.maximum(lo, c))
+                c = torch.where(hi < 1e9, (lo + hi) / 2, c * 10)
+        with torch.no_grad():
+            failed = torch.isinf(best_l2)
+            if failed.any():  # no adversarial found: return the last iterate (inside the budget)
+                last = (torch.tanh(w) + 1) / 2
+                best[failed] = last.detach()[failed]
+            if self.eps > 0:
+                best = project(best, x, self.eps, "l2")
+        return best
+
+
+@dataclass
+class DeepFool(Attack):
+    """DeepFool (Moosavi-Dezfooli et al. 2016), L2: step to the nearest linearised decision boundary, overshoot.
+
+    Untargeted only. ``eps`` is an optional hard L2 budget (0 = unbounded). All classes are candidates
+    (``num_candidates`` limits that to the top-k logits for many-class models).
+    """
+
+    eps: float = 0.0
+    steps: int = 50
+    overshoot: float = 0.02
+    num_candidates: int = 10
+    norm: Literal["linf", "l2"] = "l2"
+    name = "deepfool"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.targeted:
+            raise ConfigError("DeepFool is untargeted only")
+
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r_tot = torch.zeros_like(x)
+        active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.steps):
+            idx = active.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            xa = (x[idx] + (1 + self.overshoot) * r_tot[idx]).clamp(0, 1).requires_grad_(True)
+            logits = model(xa)
+            still = logits.argmax(1) == y[idx]
+            active[idx[~still]] = False
+            if not still.any():
+                break
+            k = min(self.num_candidates, logits.shape[1])
+            cand = logits.topk(k, dim=1).indices  # (B, k)
+            cand = torch.where(cand[:, :1] == y[idx, None], cand, torch.cat([y[idx, None], cand[:, :-1]], 1))
+            grads = []
+            for j in range(k):  # one backward per candidate class: (B, k, C, H, W)
+                sel = logits.gather(1, cand[:, j : j + 1]).sum()
+                (g,) = torch.autograd.grad(sel, xa, retain_graph=j < k - 1)
+                grads.append(g)
+            grads = torch.stack(grads, 1)
+            z = logits.gather(1, cand).detach()
+            w = grads[:, 1:] - grads[:, :1]                       # (B, k-1, C, H, W)
+            f = z[:, 1:] - z[:, :1]                               # (B, k-1)
+            wn = w.flatten(2).norm(dim=2).clamp_min(_TINY)        # (B, k-1)
+            dist = f.abs() / wn
+            best = dist.argmin(1)
+            w_best = w[torch.arange(len(idx)), best]
+            r = (dist.gather(1, best[:, None]).squeeze(1) + 1e-4) / wn.gather(1, best[:, None]).squeeze(1)
+            r_i = r.view(-1, 1, 1, 1) * w_best
+            upd = idx[still]
+            r_tot[upd] = r_tot[upd] + r_i[still].detach()
+        x_adv = (x + (1 + self.overshoot) * r_tot).clamp(0, 1)
+        return project(x_adv, x, self.eps, "l2") if self.eps > 0 else x_adv
+
+
+_REGISTRY: dict[str, Callable[..., Attack]] = {
+    "fgsm": FGSM,
+    "bim": BIM,
+    "pgd": PGD,
+    "pgd_l2": lambda **kw: PGD(**{"norm": "l2", **kw}),
+    "mim": MIM,
+    "cw": CW,
+    "deepfool": DeepFool,
+}
+
+
+def list_attacks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_attack(name: str, **kwargs) -> Attack:
+    """Build an attack by name (``fgsm``, ``bim``, ``pgd``, ``pgd_l2``, ``mim``, ``cw``, ``deepfool``)."""
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown attack {name!r}; available: {list_attacks()}")
+    try:
+        return _REGISTRY[key](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad arguments for attack {name!r}: {e}") from e

@@ -1,0 +1,60 @@
+"""Checkpoints as ``NAME.safetensors`` (tensors) plus ``NAME.json`` (metadata). Nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trn.errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_paths"]
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Return (tensors, metadata) paths for ``path`` given with or without the ``.safetensors`` suffix."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write ``state`` and JSON ``metadata`` atomically (temp file + rename); return the tensors path."""
+    tensors_path, meta_path = checkpoint_paths(path)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp_t, tmp_m = tensors_path.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
+    save_file(state, str(tmp_t))
+    tmp_m.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp_t, tensors_path)
+    os.replace(tmp_m, meta_path)
+    return tensors_path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: a file is missing, the tensors are not valid safetensors, or the JSON is malformed.
+    """
+    tensors_path, meta_path = checkpoint_paths(path)
+    for p in (tensors_path, meta_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file not found: {p} (a checkpoint is NAME.safetensors + NAME.json)")
+    try:
+        state = load_file(str(tensors_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint tensors {tensors_path}: {e}") from e
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from e
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint metadata {meta_path} must be a JSON object")
+    return state, metadata

@@ -1,0 +1,81 @@
+"""PNG figures: sample grids (clean / adversarial / gradient map / restored) and accuracy-vs-eps curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_sample_grid", "plot_accuracy_vs_eps"]
+
+
+def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, restorer, device=None) -> Path:
+    """Four rows: clean, adversarial, estimated gradient map of the adversarial image, restored. Columns: images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = device or restorer.device
+    with torch.no_grad():
+        a = adv.to(device)
+        g = restorer.gradient_map(a).cpu()
+        r = restorer(a).cpu()
+        preds = [restorer.guard(t.to(device)).argmax(1).cpu() for t in (clean, adv, r)]
+    rows = [("clean", clean, preds[0]), ("adversarial", adv, preds[1]), ("gradient map", g, None),
+            ("restored", r, preds[2])]
+    n = clean.shape[0]
+    fig, axes = plt.subplots(4, n, figsize=(1.4 * n, 6.2), squeeze=False)
+    for i, (title, imgs, p) in enumerate(rows):
+        for j in range(n):
+            ax = axes[i][j]
+            img = imgs[j].permute(1, 2, 0).squeeze(-1).numpy()
+            if title == "gradient map":
+                lim = max(abs(img.min()), abs(img.max()), 1e-8)
+                ax.imshow(img if img.ndim == 2 else img.mean(-1), cmap="coolwarm", vmin=-lim, vmax=lim)
+            else:
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if p is not None:
+                name = restorer.class_names[int(p[j])]
+                ax.set_title(name[:10], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -> Path:
+    """Gray-box accuracy vs Linf eps per defence under ``attack``, with adaptive/BPDA points where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results["sweep"]
+    eps_list = sorted(sweep, key=float)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    names = list(next(iter(sweep.values()))[attack])
+    for k, name in enumerate(names):
+        ys = [100 * sweep[e][attack][name] for e in eps_list]
+        ax.plot([float(e) for e in eps_list], ys, marker="o", label=f"{name} (gray-box)", color=f"C{k}")
+        for kind, marker in (("adaptive", "x"), ("bpda", "^")):
+            pts = [(float(e), v[name]) for e, v in results.get(kind, {}).items() if v.get(name) is not None]
+            if pts and name != "no defence":
+                ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, s=60, color=f"C{k}",
+                           label=f"{name} ({'adaptive' if kind == 'adaptive' else 'BPDA'})")
+    ax.set_xlabel("Linf eps")
+    ax.set_ylabel(f"accuracy under {attack.upper()} (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

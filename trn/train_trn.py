@@ -1,0 +1,190 @@
+"""Train a TRN against a frozen guard: ``trn train --config configs/trn_fmnist.yaml``.
+
+Each step splits the batch into chunks: one stays clean (it must pass through unharmed), the others are attacked on
+the fly against the guard with an attack and a Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2). The loss is
+``L1(restored, clean) + guard_weight * KL(guard(clean) || guard(restored))``: the first pulls pixels back, the second
+makes sure what is left of the perturbation no longer moves the classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trn.attacks import create_attack
+from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.config import to_dict
+from trn.data import load_dataset
+from trn.errors import CheckpointError, ConfigError
+from trn.gradients import GradientMapEstimator
+from trn.model import create_trn
+from trn.restorer import Restorer
+from trn.utils import batches, pick_device, seed_everything
+
+__all__ = ["TRNTrainConfig", "train_trn", "make_adversarial_batch"]
+log = logging.getLogger(__name__)
+
+_TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
+
+
+@dataclass(frozen=True)
+class TRNTrainConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    guard: str = "checkpoints/fmnist_guard"   # frozen guard classifier checkpoint
+    arch: str = "trn_small_28"                 # model.create_trn variant
+    two_stream: bool = True                    # False trains the one-stream ablation the same way
+    estimator_mode: str = "topk"               # gradients.estimate_gradient_map mode (argmax|topk)
+    estimator_k: int = 3
+    estimator_scale: str = "std"
+    attacks: list[str] = field(default_factory=lambda: list(_TRAIN_ATTACKS))
+    eps_min: float = 0.02                      # Linf budgets drawn uniformly from [eps_min, eps_max] per chunk
+    eps_max: float = 0.22
+    attack_steps: int = 7                      # BIM/PGD/MIM steps while training (eval uses 40)
+    cw_steps: int = 20
+    chunks: int = 4                            # chunks per batch: 1 clean + (chunks - 1) attacked
+    clean_chunks: int = 1
+    epochs: int = 3
+    limit_train: int | None = None             # train on a seeded subset (quick runs, tests)
+    batch_size: int = 128
+    lr: float = 2e-3                           # AdamW, cosine decay to 0
+    weight_decay: float = 1e-4
+    guard_weight: float = 0.5                  # weight of the KL term on the guard's output
+    seed: int = 0
+    device: str = "auto"
+    out: str = "checkpoints/trn_fmnist"
+    resume: bool = True                        # continue from OUT.train_state if present
+    val_size: int = 500                        # quick held-out check at the end of each epoch
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.attacks if a not in _TRAIN_ATTACKS]
+        if bad or not self.attacks:
+            raise ConfigError(f"attacks must be a non-empty subset of {list(_TRAIN_ATTACKS)}, got {self.attacks}")
+        if not 0 <= self.eps_min <= self.eps_max:
+            raise ConfigError(f"need 0 <= eps_min <= eps_max, got {self.eps_min}, {self.eps_max}")
+        if not 1 <= self.clean_chunks <= self.chunks:
+            raise ConfigError(f"need 1 <= clean_chunks <= chunks, got {self.clean_chunks}, {self.chunks}")
+
+
+def make_adversarial_batch(guard: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TRNTrainConfig,
+                           rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+    """Attack all but ``clean_chunks`` chunks of ``x`` with randomly drawn attacks/budgets; return (x_in, tags)."""
+    x_in, tags = x.clone(), []
+    for i, s in enumerate(batches(len(x), -(-len(x) // cfg.chunks))):
+        if i < cfg.clean_chunks:
+            tags.append("clean")
+            continue
+        name, eps = rng.choice(cfg.attacks), rng.uniform(cfg.eps_min, cfg.eps_max)
+        if name == "cw":
+            atk = create_attack("cw", steps=cfg.cw_steps, lr=0.02, c=rng.choice([0.5, 1.0, 5.0]), seed=rng.randrange(2**31))
+        elif name == "fgsm":
+            atk = create_attack("fgsm", eps=eps)
+        else:
+            atk = create_attack(name, eps=eps, steps=cfg.attack_steps, seed=rng.randrange(2**31))
+        x_in[s] = atk(guard, x[s], y[s])
+        tags.append(f"{name}@{eps:.3f}" if name != "cw" else "cw")
+    return x_in, tags
+
+
+def _train_state_path(out: str) -> Path:
+    """Training state (net + optimizer + RNG) lives beside the checkpoint: OUT_train_state.safetensors/.json."""
+    return Path(str(checkpoint_paths(out)[0].with_suffix("")) + "_train_state")
+
+
+def _save_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer, epoch: int) -> None:
+    state = {f"net.{k}": v for k, v in restorer.net.state_dict().items()}
+    for i, (pid, s) in enumerate(opt.state_dict()["state"].items()):
+        for name, t in s.items():
+            state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    state["rng.torch"] = torch.get_rng_state()
+    save_checkpoint(_train_state_path(cfg.out), state, {"kind": "train_state", "epoch": epoch, "config": to_dict(cfg)})
+
+
+def _load_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer) -> int:
+    """Restore net/optimizer/RNG from OUT.train_state; return the number of finished epochs (0 if none)."""
+    path = _train_state_path(cfg.out)
+    if not cfg.resume or not checkpoint_paths(path)[0].is_file():
+        return 0
+    state, meta = load_checkpoint(path, restorer.device)
+    if meta.get("config") != to_dict(cfg):
+        raise CheckpointError(f"{path}: saved with a different config; delete it or set resume: false")
+    restorer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    sd = opt.state_dict()
+    for key, t in state.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)
+    torch.set_rng_state(state["rng.torch"].cpu())
+    log.info("resumed from %s after epoch %d", path, meta["epoch"])
+    return int(meta["epoch"])
+
+
+@torch.no_grad()
+def _quick_val(restorer: Restorer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Guard accuracy on clean and PGD-10 (eps 0.1, gray-box) images, before and after restoration."""
+    guard = restorer.guard
+    x_adv = create_attack("pgd", eps=0.1, steps=10, seed=1)(guard, x, y)
+    acc = lambda z: (guard(z).argmax(1) == y).float().mean().item()  # noqa: E731
+    return {"clean": acc(x), "clean_restored": acc(restorer(x)), "pgd": acc(x_adv), "pgd_restored": acc(restorer(x_adv))}
+
+
+def train_trn(cfg: TRNTrainConfig) -> Restorer:
+    """Train per ``cfg``; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON) and return it."""
+    gen = seed_everything(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = pick_device(cfg.device)
+    train = load_dataset(cfg.dataset, cfg.data_dir, "train").subset(cfg.limit_train, cfg.seed)
+    test = load_dataset(cfg.dataset, cfg.data_dir, "test").subset(cfg.val_size, cfg.seed + 1)
+    c = train.shape[0]
+    net = create_trn(cfg.arch, in_channels=c, two_stream=cfg.two_stream)
+    estimator = GradientMapEstimator(cfg.estimator_mode, cfg.estimator_k, cfg.estimator_scale)
+    restorer = Restorer.from_guard_checkpoint(cfg.guard, net, estimator, device)
+    guard = restorer.guard
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    start_epoch = _load_train_state(cfg, restorer, opt)
+    step = start_epoch * steps_per_epoch
+    rng = random.Random(cfg.seed + start_epoch)
+    history: list[dict] = []
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        perm = torch.randperm(len(train), generator=gen)
+        bar = tqdm(batches(len(train), cfg.batch_size), total=steps_per_epoch, desc=f"trn epoch {epoch + 1}/{cfg.epochs}")
+        for s in bar:
+            x, y = train.images[perm[s]].to(device), train.labels[perm[s]].to(device)
+            x_in, _ = make_adversarial_batch(guard, x, y, cfg, rng)
+            with torch.no_grad():
+                p_clean = F.log_softmax(guard(x), 1)
+            g = restorer.gradient_map(x_in) if cfg.two_stream else None
+            restored = net(x_in, g)
+            pixel = F.l1_loss(restored, x)
+            kl = F.kl_div(F.log_softmax(guard(restored), 1), p_clean, log_target=True, reduction="batchmean")
+            loss = pixel + cfg.guard_weight * kl
+            for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)
+                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.set_postfix(l1=f"{pixel.item():.4f}", kl=f"{kl.item():.3f}")
+        net.eval()
+        val = _quick_val(restorer, test.images.to(device), test.labels.to(device))
+        history.append({"epoch": epoch + 1, **val})
+        log.info("epoch %d val (%d images): %s", epoch + 1, len(test), {k: round(v, 4) for k, v in val.items()})
+        _save_train_state(cfg, restorer, opt, epoch + 1)
+    restorer.eval()
+    path = restorer.save(cfg.out, config=to_dict(cfg), history=history, train_images=len(train),
+                         train_seconds=round(time.time() - t0, 1), dataset=cfg.dataset, torch=torch.__version__)
+    log.info("saved %s", path)
+    return restorer

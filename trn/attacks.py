@@ -96,7 +96,8 @@ class Attack:
         if len(x) == 0:
             return x.clone()
         modules = [m for m in (model,) if isinstance(m, nn.Module)]
-        modes = [m.training for m in modules]
+        # every submodule's own mode, so that e.g. a frozen BatchNorm inside a training model stays in eval mode
+        modes = [(sub, sub.training) for m in modules for sub in m.modules()]
         for m in modules:
             m.eval()
         try:
@@ -105,13 +106,17 @@ class Attack:
                     if self.targeted:
                         raise ConfigError(f"{type(self).__name__}: targeted attacks need target labels y")
                     with torch.no_grad():
-                        y = model(x).argmax(1)
-                check_labels(y, len(x))
-                y = y.to(x.device)
+                        logits = model(x)
+                    y, num_classes = logits.argmax(1), logits.shape[1]
+                else:
+                    with torch.no_grad():  # one image, to learn the class count for the label check
+                        num_classes = model(x[:1]).shape[1]
+                check_labels(y, len(x), num_classes)  # out-of-range labels would be a device-side assert on CUDA
+                y = y.to(device=x.device, dtype=torch.long)  # cross_entropy and gather need int64
                 x_adv = self.perturb(model, x.detach(), y)
         finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
+            for sub, mode in modes:
+                sub.train(mode)
         return x_adv.detach()
 
     def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover

@@ -41,6 +41,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from trn.attack_dataset import run_attack_command
+
+    return run_attack_command(args)
+
+
+def _cmd_sanitize(args: argparse.Namespace) -> int:
+    from workers.sanitize import run_sanitize_command  # Ray is imported only here, never by the library
+
+    return run_sanitize_command(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from workers.serve import run_serve_command
+
+    return run_serve_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trn", description="Two-stream Restoration Network: adversarial image cleaning.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -60,6 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML file (see configs/eval_fmnist.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("attack", help="write an adversarial copy of a dataset (npz or image folder) + metadata")
+    s.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 | svhn | npz | folder")
+    s.add_argument("--data-dir", default=None, help="dataset location (file or directory)")
+    s.add_argument("--split", default="test", choices=["train", "test"])
+    s.add_argument("--limit", type=int, default=None, help="first N images of a seeded shuffle (default: all)")
+    s.add_argument("--guard", default="checkpoints/fmnist_guard", help="classifier checkpoint to attack")
+    s.add_argument("--attack", default="pgd", help="fgsm | bim | pgd | pgd_l2 | mim | cw | deepfool")
+    s.add_argument("--eps", type=float, default=0.1)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--targeted", action="store_true", help="target a random wrong class (seeded)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="OUT.npz, or a directory for an image folder (PNG per class)")
+    s.set_defaults(fn=_cmd_attack)
+
+    s = sub.add_parser("sanitize", help="clean a dataset with TRN on Ray Data (folder / parquet / npz)")
+    s.add_argument("input", help="image folder, .parquet file/dir with an image-bytes column, or .npz")
+    s.add_argument("output", help="output folder (mirrors the input layout) + manifest")
+    s.add_argument("--checkpoint", default="checkpoints/trn_fmnist", help="restorer checkpoint (no suffix)")
+    s.add_argument("--address", default=None, help="Ray address: auto | ray://host:10001 (default: local Ray)")
+    s.add_argument("--workers", type=int, default=2, help="actor pool size")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    s.add_argument("--image-column", default="image", help="parquet column holding encoded image bytes")
+    s.add_argument("--resize", default="reject", choices=["reject", "resize"], help="policy for off-size images")
+    s.set_defaults(fn=_cmd_sanitize)
+
+    s = sub.add_parser("serve", help="run the Ray Serve restoration/classification service")
+    s.add_argument("--config", default="configs/serve.yaml", help="YAML file (see configs/serve.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.add_argument("--address", default=None, help="Ray address of an existing cluster (default: local Ray)")
+    s.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True, help="run until Ctrl-C")
+    s.set_defaults(fn=_cmd_serve)
     return p
 
 

@@ -1,0 +1,186 @@
+"""UniG ("Unifying Gradients to Improve Real-world Robustness for Deep Networks", arXiv 2208.06228).
+
+A defence against score-based query attacks (Square, NES, ...). A Hadamard weight ``P`` (one row per sample) sits
+between the penultimate features ``f`` and the linear head: ``logits = head(f * P)``. On every call ``P`` is drawn
+afresh and optimised for a few SGD steps so that the feature gradients of all samples in the batch look alike,
+which makes the scores an attacker queries less informative. The backbone is frozen; nothing is trained.
+
+Per call (papers.md, "UniG"):
+
+1. ``f = forward_features(x)``; pseudo-labels ``y~ = argmax head(f)`` (the undefended prediction).
+2. ``P ~ N(1, 0.5)`` per sample and feature, clamped to ``[1 - delta, 1 + delta]``.
+3. ``steps`` times: ``g = d CE(head(f * P), y~) / d f`` (``create_graph=True``); min-max normalise ``g`` with the
+   min and max of the first step (detached); ``loss = sum_j ||g_j - g_{j+1}||_2`` over consecutive samples; one SGD
+   step on ``P`` (momentum, weight decay); clamp ``P`` to ``[1 - delta, 1 + delta]``.
+4. Output ``head(f * P)``.
+
+Our choices where the summary is silent: the min-max normalisation uses one scalar min and max over the whole batch;
+``P`` is clamped at initialisation too, so it lies in the box at every step; a batch of at most ``num_reference``
+images is padded with stored reference (training) images, whose outputs are dropped; gradients that an attacker
+takes through the output treat ``P`` as a constant (they flow through ``f`` only).
+
+**Outputs are random and depend on the rest of the batch.** With ``seed=None`` the global torch RNG draws ``P``;
+with ``seed=k`` a private generator seeded once at construction does, so a fresh instance replays the same sequence of
+outputs (two calls on one instance still differ). Evaluate with EOT and with white-box / transfer attacks too.
+
+    >>> defended = UniGClassifier(classifier, reference_images=train_images[:4], seed=0)
+    >>> logits = defended(x)                  # (N, num_classes); works under torch.no_grad / inference_mode
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trn.defenses.base import has_feature_split
+from trn.errors import ConfigError, ShapeError
+from trn.validation import check_images
+
+__all__ = ["UniGClassifier", "unig_loss"]
+
+
+def unig_loss(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``sum_j ||gn_j - gn_{j+1}||_2`` with ``gn = (g - lo) / (hi - lo)``: how much consecutive samples' feature
+    gradients differ. ``g``: (B, D); ``lo`` / ``hi``: scalars. A batch of one gives 0."""
+    gn = (g - lo) / (hi - lo).clamp_min(1e-12)
+    return (gn[:-1] - gn[1:]).flatten(1).norm(dim=1).sum()
+
+
+def _number(v: object, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or v > hi or (
+            hi_open and v >= hi):
+        bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise ConfigError(f"UniG: {name} must be a number in {bound}, got {v!r}")
+    return float(v)
+
+
+def _integer(v: object, name: str, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"UniG: {name} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+class UniGClassifier(nn.Module):
+    """Wrap a classifier with UniG. Training-free; the wrapped classifier's weights are never changed.
+
+    Args:
+        classifier: a model with ``forward_features`` (penultimate features, (B, D)) and ``forward_head``.
+        delta: ``P`` is clamped to ``[1 - delta, 1 + delta]`` (paper: 0.5 CIFAR-10, 0.1 ImageNet).
+        steps: SGD steps on ``P`` per call (paper: 1).
+        lr: SGD learning rate (paper: 10 CIFAR-10, 1 ImageNet).
+        momentum: SGD momentum (0.9).
+        weight_decay: SGD weight decay on ``P`` (5e-4).
+        reference_images: (R, C, H, W) training images in [0, 1]; the first ``num_reference`` are kept and appended
+            to batches of at most ``num_reference`` images so that a single image still has partners.
+        num_reference: how many reference images to keep and the batch size up to which they are appended.
+        seed: seed of a private generator for ``P`` (None: the global torch RNG).
+
+    Raises:
+        ConfigError: the classifier has no features/head split, or a setting is out of range.
+
+    Shape:
+        (N, C, H, W) in [0, 1] -> (N, num_classes) logits.
+    """
+
+    has_feature_split = False  # head(f * P) with a per-call P is not a fixed features/head split
+
+    def __init__(self, classifier: nn.Module, delta: float = 0.5, steps: int = 1, lr: float = 10.0,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, reference_images: torch.Tensor | None = None,
+                 num_reference: int = 4, seed: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(classifier, nn.Module) or not has_feature_split(classifier):
+            raise ConfigError(
+                f"UniG needs a classifier with forward_features (penultimate features) and forward_head (linear "
+                f"head); {type(classifier).__name__} has no such split (wrap_classifier(model, features=, head=))"
+            )
+        self.classifier = classifier
+        self.delta = _number(delta, "delta")
+        self.steps = _integer(steps, "steps")
+        self.lr = _number(lr, "lr")
+        self.momentum = _number(momentum, "momentum", 0.0, 1.0, hi_open=True)
+        self.weight_decay = _number(weight_decay, "weight_decay")
+        self.num_reference = _integer(num_reference, "num_reference")
+        if seed is not None:
+            _integer(seed, "seed")
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if reference_images is not None:
+            check_images(reference_images, name="reference_images")
+            reference_images = reference_images[: self.num_reference].detach().clone()
+        self.register_buffer("reference_images", reference_images, persistent=False)
+        if hasattr(classifier, "num_classes"):
+            self.num_classes = classifier.num_classes
+
+    def extra_repr(self) -> str:
+        n = 0 if self.reference_images is None else len(self.reference_images)
+        return (f"delta={self.delta}, steps={self.steps}, lr={self.lr}, momentum={self.momentum}, "
+                f"weight_decay={self.weight_decay}, references={n}, seed={self.seed}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defend(x)[0]
+
+    def defend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Defended logits and the final Hadamard weights.
+
+        Returns:
+            ``(logits, P)``: (N, num_classes) and (N, D), ``P`` detached and within ``[1 - delta, 1 + delta]``.
+        """
+        check_images(x, allow_empty=True, name="x")
+        clf = self.classifier
+        was_training = clf.training
+        clf.eval()
+        try:
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):
+                    return self._defend(x.clone())
+            return self._defend(x)
+        finally:
+            clf.train(was_training)
+
+    def _defend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clf, n = self.classifier, len(x)
+        feats = clf.forward_features(x)  # (N, D); keeps the graph to x when the caller differentiates
+        if n == 0:
+            return clf.forward_head(feats), feats.detach()
+        f = feats.detach()
+        refs = self.reference_images
+        if refs is not None and len(refs) and n <= self.num_reference:
+            if refs.shape[1:] != x.shape[1:]:
+                raise ShapeError(f"UniG reference images are {tuple(refs.shape[1:])}, inputs {tuple(x.shape[1:])}")
+            with torch.no_grad():
+                f = torch.cat([f, clf.forward_features(refs.to(device=x.device, dtype=x.dtype))])  # (N + R, D)
+        elif n == 1:
+            warnings.warn("UniG on a single image without reference_images: there is no pair to unify, so the "
+                          "output is the head on randomly scaled features", stacklevel=3)
+        p = self._optimise_p(f)
+        return clf.forward_head(feats * p[:n]), p[:n]
+
+    def _optimise_p(self, f: torch.Tensor) -> torch.Tensor:
+        """The UniG inner loop on detached features ``f`` (M, D); returns the detached, clamped ``P`` (M, D)."""
+        clf, lo_p, hi_p = self.classifier, 1.0 - self.delta, 1.0 + self.delta
+        p = torch.randn(f.shape, generator=self._gen, dtype=f.dtype).mul_(0.5).add_(1.0)  # N(1, 0.5)
+        p = p.to(f.device).clamp_(lo_p, hi_p).requires_grad_(True)
+        if self.steps == 0:
+            return p.detach()
+        opt = torch.optim.SGD([p], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        f = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with torch.no_grad():
+                pseudo = clf.forward_head(f).argmax(1)  # undefended prediction
+            lo = hi = None
+            for _ in range(self.steps):
+                ce = F.cross_entropy(clf.forward_head(f * p), pseudo, reduction="sum")
+                (g,) = torch.autograd.grad(ce, f, create_graph=True)  # (M, D), a function of P
+                if lo is None:
+                    lo, hi = g.min().detach(), g.max().detach()
+                loss = unig_loss(g, lo, hi)
+                (grad_p,) = torch.autograd.grad(loss, p, allow_unused=True)
+                p.grad = torch.zeros_like(p) if grad_p is None else grad_p
+                opt.step()
+                with torch.no_grad():
+                    p.clamp_(lo_p, hi_p)
+        return p.detach()

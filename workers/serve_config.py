@@ -1,0 +1,280 @@
+"""Settings of the TRN Serve application, as frozen dataclasses filled from YAML (no Ray import here).
+
+Two layers, so that one set of application settings works under every launcher:
+
+* :class:`AppArgs`: everything the application itself needs (checkpoint, batching, replicas, input limits, the
+  downstream classifier). It is what ``workers.serve:build_app`` takes, what ``args:`` holds in a Ray Serve config
+  file (``configs/serve_deploy.yaml``, KubeRay ``serveConfigV2``), and the ``app:`` section of ``configs/serve.yaml``.
+* :class:`ServeConfig`: ``app`` plus where ``trn serve`` listens and which Ray cluster it uses. Under ``serve run``
+  / ``serve deploy`` these belong to the Serve config file's ``http_options`` instead.
+
+Every check raises :class:`~trn.errors.ConfigError` with the option's dotted name, before anything starts.
+
+    >>> cfg = load_serve_config("configs/serve.yaml", ["app.max_batch_size=16"])
+    >>> cfg.app.max_batch_size
+    16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from trn.config import from_dict, load_config
+from trn.errors import ConfigError
+
+__all__ = [
+    "AutoscalingArgs",
+    "DownstreamArgs",
+    "AppArgs",
+    "ServeConfig",
+    "load_serve_config",
+    "app_args_from_mapping",
+    "DOWNSTREAM_KINDS",
+]
+
+DOWNSTREAM_KINDS = ("none", "guard", "checkpoint", "torchscript", "export", "http")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive(where: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AutoscalingArgs:
+    """Ray Serve ``autoscaling_config`` for the restorer (replaces a fixed ``num_replicas``)."""
+
+    min_replicas: int = 1  # 0 allows scale-to-zero (first request then waits for a cold start)
+    max_replicas: int = 4
+    # Ongoing requests per replica the autoscaler aims for. With batching, about half of max_batch_size keeps batches
+    # full before a replica is added.
+    target_ongoing_requests: float = 16.0
+    initial_replicas: int | None = None
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _positive("autoscaling.min_replicas", self.min_replicas, allow_zero=True)
+        _positive("autoscaling.max_replicas", self.max_replicas)
+        _positive("autoscaling.target_ongoing_requests", self.target_ongoing_requests)
+        _positive("autoscaling.upscale_delay_s", self.upscale_delay_s, allow_zero=True)
+        _positive("autoscaling.downscale_delay_s", self.downscale_delay_s, allow_zero=True)
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                              f"({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ConfigError(f"autoscaling.initial_replicas ({self.initial_replicas}) must lie in "
+                              f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+
+    def to_ray(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return d
+
+
+@dataclass(frozen=True)
+class DownstreamArgs:
+    """The classifier that ``POST /v1/classify`` forwards restored images to.
+
+    kinds: ``none`` (no /v1/classify), ``guard`` (the restorer's own guard classifier, in the restorer replica),
+    ``checkpoint`` (one of our safetensors classifier checkpoints), ``torchscript`` (``torch.jit.load``), ``export``
+    (``torch.export.load``; export with a dynamic batch dimension, else requests run one at a time) - these three run
+    in their own batched deployment - or ``http`` (POST the restored PNG to ``url``, expect JSON back).
+    TorchScript and exported programs are code: load only files you trust.
+    """
+
+    kind: Literal["none", "guard", "checkpoint", "torchscript", "export", "http"] = "guard"
+    path: str | None = None  # checkpoint / torchscript / export file
+    url: str | None = None  # http: endpoint receiving image/png, answering JSON with logits|probabilities|label
+    timeout_s: float = 5.0  # http: whole-request timeout (-> 504 past it)
+    class_names: list[str] | None = None  # default: the checkpoint's, else the restorer's when the count matches
+    device: str = "auto"
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.kind in ("checkpoint", "torchscript", "export") and not self.path:
+            raise ConfigError(f"downstream.path is required when downstream.kind is {self.kind!r}")
+        if self.kind == "http":
+            if not self.url:
+                raise ConfigError("downstream.url is required when downstream.kind is 'http'")
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"downstream.url must start with http:// or https://, got {self.url!r}")
+        _positive("downstream.timeout_s", self.timeout_s)
+        _positive("downstream.num_replicas", self.num_replicas)
+        _positive("downstream.num_cpus", self.num_cpus, allow_zero=True)
+        _positive("downstream.num_gpus", self.num_gpus, allow_zero=True)
+        _positive("downstream.max_batch_size", self.max_batch_size)
+        _positive("downstream.batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
+
+    @property
+    def deployed(self) -> bool:
+        """Whether this downstream runs as its own Serve deployment."""
+        return self.kind in ("checkpoint", "torchscript", "export")
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """Arguments of ``workers.serve:build_app`` (the ``args:`` of a Serve config file)."""
+
+    restorer: str = "checkpoints/trn_fmnist"  # restorer checkpoint (NAME.safetensors + NAME.json)
+    device: str = "auto"  # auto: cuda when the replica was given a GPU, else cpu
+    # Dynamic batching (@serve.batch): a batch runs when max_batch_size requests wait or the oldest has waited
+    # batch_wait_timeout_s. Both can be changed live (they travel as the deployment's user_config).
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    # Requests one restorer replica holds at once; must be >= max_batch_size or batches never fill.
+    # None: 2 * max_batch_size (one batch running, one filling).
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 1024  # per caller, beyond which requests get 503 (load shedding); -1: no limit
+    num_replicas: int = 1  # ignored when autoscaling is set
+    autoscaling: AutoscalingArgs | None = None
+    num_cpus: float = 1.0  # Ray logical CPUs per restorer replica (also its torch thread count, see torch_threads)
+    num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
+    torch_threads: int | None = None  # None: max(1, int(num_cpus))
+    health_check_period_s: float = 10.0
+    # Input limits, enforced in the ingress before anything reaches a model replica.
+    max_body_bytes: int = 1 << 20  # 413 above this (Content-Length header and bytes actually received)
+    max_pixels: int = 1 << 22  # width*height from the image header, checked before decoding (bombs) -> 400
+    resize: Literal["reject", "resize"] = "reject"  # off-size images: 422, or bilinear resize (reported in a header)
+    channel_policy: Literal["reject", "convert"] = "reject"  # grey<->RGB mismatch: 422, or convert
+    downstream: DownstreamArgs = field(default_factory=DownstreamArgs)
+    ingress_replicas: int = 1
+    ingress_max_ongoing_requests: int = 512  # the ingress only awaits other replicas: keep it high
+
+    def __post_init__(self) -> None:
+        if not self.restorer:
+            raise ConfigError("restorer (a checkpoint path) is required")
+        _positive("max_batch_size", self.max_batch_size)
+        _positive("batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
+        _positive("max_ongoing_requests", self.max_ongoing_requests)
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                              f"({self.max_batch_size}): batches could never fill")
+        if self.max_queued_requests != -1:
+            _positive("max_queued_requests", self.max_queued_requests)
+        _positive("num_replicas", self.num_replicas)
+        _positive("num_cpus", self.num_cpus, allow_zero=True)
+        _positive("num_gpus", self.num_gpus, allow_zero=True)
+        _positive("torch_threads", self.torch_threads)
+        _positive("health_check_period_s", self.health_check_period_s)
+        _positive("max_body_bytes", self.max_body_bytes)
+        _positive("max_pixels", self.max_pixels)
+        _positive("ingress_replicas", self.ingress_replicas)
+        _positive("ingress_max_ongoing_requests", self.ingress_max_ongoing_requests)
+
+    @property
+    def restorer_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+    def with_resolved_paths(self) -> "AppArgs":
+        """Make checkpoint/model paths absolute (replicas may run in another working directory).
+
+        A relative path is looked up in the current directory, then in the repository root.
+
+        Raises:
+            ConfigError: a path that exists in neither place.
+        """
+        restorer = _resolve(self.restorer, "restorer", (".safetensors",))
+        ds = self.downstream
+        if ds.path:
+            suffixes = (".safetensors",) if ds.kind == "checkpoint" else ("",)
+            ds = dataclasses.replace(ds, path=_resolve(ds.path, "downstream.path", suffixes))
+        return dataclasses.replace(self, restorer=restorer, downstream=ds)
+
+
+def _resolve(path: str, where: str, suffixes: tuple[str, ...]) -> str:
+    p = Path(os.path.expanduser(path))
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        stem = c.with_suffix("") if c.suffix in (".safetensors", ".json") and suffixes != ("",) else c
+        if any(Path(str(stem) + s).is_file() for s in suffixes):
+            return str(stem.resolve())
+    shown = " or ".join(str(c) + (suffixes[0] if suffixes != ("",) else "") for c in candidates)
+    raise ConfigError(f"{where}: file not found: {shown}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``trn serve --config``: the application plus where it listens (configs/serve.yaml)."""
+
+    app: AppArgs = field(default_factory=AppArgs)
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines' requests
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "trn"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or ray://...: join that cluster
+    ray_num_cpus: int | None = None  # CPUs a locally started Ray may use (None: all)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must lie in [0, 65535], got {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        _positive("ray_num_cpus", self.ray_num_cpus)
+
+
+def load_serve_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ServeConfig:
+    """Read configs/serve.yaml-style YAML plus ``key=value`` overrides (``app.max_batch_size=8``)."""
+    return load_config(ServeConfig, path, overrides)
+
+
+def app_args_from_mapping(args: Mapping[str, Any] | None) -> AppArgs:
+    """Build :class:`AppArgs` from the ``args`` Ray Serve hands an application builder.
+
+    From a Serve config file the values are typed YAML; from ``serve run workers.serve:build_app key=value`` they
+    are strings, read as YAML like ``trn --set`` (so ``max_batch_size=8`` is an int). Dotted keys reach sections
+    (``downstream.kind=http``). The key ``config`` names a ``configs/serve.yaml``-style file whose ``app:`` section
+    is the starting point.
+
+    Raises:
+        ConfigError: unknown option, wrong type or bad value, with its name.
+    """
+    args = dict(args or {})
+    base: dict[str, Any] = {}
+    if "config" in args:
+        cfg_path = args.pop("config")
+        base = dataclasses.asdict(load_serve_config(cfg_path).app)
+    data = _merge(base, {})
+    for key, value in args.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"application args: keys must be strings, got {key!r}")
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else value
+            except yaml.YAMLError as e:
+                raise ConfigError(f"application arg {key}={value!r} is not valid YAML: {e}") from e
+        node = data
+        parts = key.split(".")
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"application arg {key!r}: {k} is not a section")
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _merge(node[last], value)
+        else:
+            node[last] = value
+    return from_dict(AppArgs, data, where="app")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

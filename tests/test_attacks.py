@@ -3,12 +3,12 @@ targeted mode, and the PGD-40 check on the shipped Fashion-MNIST guard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from trn.attacks import BIM, CW, FGSM, MIM, PGD, Attack, DeepFool, create_attack, list_attacks
 from trn.classifiers import load_classifier
@@ -300,7 +300,7 @@ def test_unknown_loss_is_a_config_error(model: TinyNet, x: torch.Tensor) -> None
 
 
 def test_registry_and_params() -> None:
-    assert list_attacks() == ["bim", "cw", "deepfool", "fgsm", "mim", "pgd", "pgd_l2"]
+    assert list_attacks() == ["bim", "cw", "deepfool", "fgsm", "mim", "pgd", "pgd_l2", "square"]
     assert isinstance(create_attack("PGD"), PGD) and isinstance(create_attack("deepfool"), DeepFool)
     l2 = create_attack("pgd-l2", eps=0.5)
     assert l2.norm == "l2" and l2.eps == 0.5

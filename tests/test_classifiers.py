@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from trn.checkpoint import save_checkpoint
 from trn.classifiers import (

@@ -132,7 +132,7 @@ def test_fashion_mnist_missing_labels_file(tmp_path: Path) -> None:
     ],
 )
 def test_fashion_mnist_corrupt_idx(tmp_path: Path, kind: str, message: str) -> None:
-    _, labels = _fake_fmnist(tmp_path)
+    _, _labels = _fake_fmnist(tmp_path)
     img_path = tmp_path / "t10k-images-idx3-ubyte.gz"
     images = np.zeros((6, 28, 28), np.uint8)
     if kind == "truncated":
@@ -211,7 +211,7 @@ def test_cifar10_loads_tiny_batches(tmp_path: Path, py2: bool) -> None:
     assert test.labels.tolist() == labels
     train = load_cifar10(tmp_path / "cifar-10-batches-py", "train")  # the batches folder itself works too
     _check_dataset(train, 15, (3, 32, 32), 10)
-    assert train.labels.tolist() == sum((raw[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert train.labels.tolist() == [lab for i in range(1, 6) for lab in raw[f"data_batch_{i}"][1]]
     assert load_dataset("cifar10", tmp_path, "test").name == "cifar10/test"
 
 
@@ -432,6 +432,22 @@ def test_npz_round_trip(tmp_path: Path) -> None:
     with np.load(path, allow_pickle=False) as z:
         assert z["images"].dtype == np.uint8 and z["extra"].tolist() == [0, 1, 2]
     assert load_dataset("npz", path).class_names == ("x", "y", "z")
+
+
+def test_npz_float32_images_are_exact(tmp_path: Path) -> None:
+    images = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # off the 8-bit grid
+    ds = ImageDataset(images, torch.tensor([0, 1, 0]), ("a", "b"), "f")
+    path = save_npz(tmp_path / "f", ds, image_dtype="float32")  # numpy appends .npz; the real path is returned
+    assert path == tmp_path / "f.npz" and path.is_file()
+    with np.load(path, allow_pickle=False) as z:
+        assert z["images"].dtype == np.float32
+    assert torch.equal(load_npz(path).images, images)
+    assert not torch.equal(load_npz(save_npz(tmp_path / "u.npz", ds)).images, images)  # uint8 rounds
+    with pytest.raises(DataError, match="image_dtype must be 'uint8' or 'float32', got 'float16'"):
+        save_npz(tmp_path / "h.npz", ds, image_dtype="float16")
+    bad = ImageDataset(images * 2, ds.labels, ds.class_names, "bad")
+    with pytest.raises(DataError, match=r"finite and lie in \[0, 1\]"):
+        save_npz(tmp_path / "bad.npz", bad, image_dtype="float32")
 
 
 def test_npz_layouts_and_missing_labels(tmp_path: Path) -> None:

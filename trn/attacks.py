@@ -1,4 +1,5 @@
-"""Gradient-based evasion attacks in pixel space [0, 1]: FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool.
+"""Evasion attacks in pixel space [0, 1]: gradient-based FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool, and the
+score-based (black-box, gradient-free) Square attack.
 
 Every attack is a configured callable with one shape, ``x_adv = attack(model, x, y)``:
 
@@ -14,19 +15,30 @@ gradients, and work when called inside ``torch.no_grad()``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trn.errors import ConfigError
 from trn.validation import check_images, check_labels
 
 __all__ = [
-    "Attack", "FGSM", "BIM", "PGD", "MIM", "CW", "DeepFool",
-    "create_attack", "list_attacks", "input_gradient", "project",
+    "BIM",
+    "CW",
+    "FGSM",
+    "MIM",
+    "PGD",
+    "Attack",
+    "DeepFool",
+    "Square",
+    "create_attack",
+    "input_gradient",
+    "list_attacks",
+    "project",
 ]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -334,6 +346,100 @@ class DeepFool(Attack):
         return project(x_adv, x, self.eps, "l2") if self.eps > 0 else x_adv
 
 
+def _square_p(p_init: float, it: int, queries: int) -> float:
+    """Square's schedule for the fraction of pixels a square covers, rescaled from 10,000 queries to ``queries``."""
+    it = int(it / max(queries, 1) * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+                       (8000, 256), (10000, 512)):
+        if it <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+@dataclass
+class Square(Attack):
+    """Square Attack (Andriushchenko et al., ECCV 2020), Linf: a score-based black-box attack.
+
+    It never takes a gradient: it only reads the model's logits, so gradient masking (GCM, non-differentiable
+    transforms) does not stop it, while randomised outputs (UniG) can. Random search: start from vertical stripes of
+    +-eps, then per query change one random square window (side set by a schedule that shrinks with the query
+    count) to +-eps per channel and keep it if the margin loss ``z_y - max_{j != y} z_j`` went down. An image stops
+    being queried once it is misclassified (margin < 0), so its query count is the number of model calls it needed.
+
+    ``queries`` counts every model call per image, the initial one included. ``p_init`` is the starting fraction of
+    pixels a square covers (the paper's ImageNet/CIFAR Linf default is 0.05; our config for 28x28 grey images may
+    raise it). After a call, :attr:`last_queries` holds the per-image query counts of that call (CPU tensor).
+
+    Example:
+        >>> x_adv = Square(eps=0.1, queries=1000, seed=0)(model, x, y)
+    """
+
+    eps: float = 0.1
+    queries: int = 1000
+    p_init: float = 0.05
+    norm: Literal["linf", "l2"] = "linf"
+    name = "square"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.queries, bool) or not isinstance(self.queries, int) or self.queries < 1:
+            raise ConfigError(f"Square: queries must be a positive integer, got {self.queries!r}")
+        if not 0 < self.p_init <= 1:
+            raise ConfigError(f"Square: p_init must be in (0, 1], got {self.p_init}")
+        if self.norm != "linf":
+            raise ConfigError("Square: only the Linf version is implemented")
+        self.last_queries: torch.Tensor | None = None
+
+    def _margin(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) margin; < 0 means success (misclassified, or classified as the target when targeted)."""
+        logits = model(x)
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+        return other - z_y if self.targeted else z_y - other
+
+    @torch.no_grad()
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        gen, dev, eps = self._generator(x.device), x.device, self.eps
+
+        def signs(*shape: int) -> torch.Tensor:  # uniform +-1
+            return torch.randint(0, 2, shape, generator=gen, device=dev).to(x.dtype) * 2 - 1
+
+        x_best = (x + eps * signs(b, c, 1, w)).clamp(0.0, 1.0)  # vertical stripes
+        margin = self._margin(model, x_best, y)
+        n_queries = torch.ones(b, dtype=torch.long, device=dev)
+        rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+        for it in range(self.queries - 1):
+            active = (margin >= 0).nonzero().squeeze(1)  # (A,)
+            if len(active) == 0:
+                break
+            xa, xb = x[active], x_best[active]
+            delta = xb - xa
+            s = round((_square_p(self.p_init, it, self.queries) * h * w) ** 0.5)
+            s = min(max(s, 1), min(h, w) - 1)
+            todo = torch.ones(len(active), dtype=torch.bool, device=dev)
+            for _ in range(10):  # redraw windows that would not change the image (at most a few times)
+                idx = todo.nonzero().squeeze(1)
+                r0 = torch.randint(0, h - s + 1, (len(idx), 1, 1, 1), generator=gen, device=dev)
+                c0 = torch.randint(0, w - s + 1, (len(idx), 1, 1, 1), generator=gen, device=dev)
+                win = (rows >= r0) & (rows < r0 + s) & (cols >= c0) & (cols < c0 + s)  # (k, 1, H, W)
+                new = torch.where(win, eps * signs(len(idx), c, 1, 1), delta[idx])
+                changed = ((xa[idx] + new).clamp(0, 1) - xb[idx]).abs().amax((1, 2, 3)) > 1e-7
+                delta[idx] = new
+                todo[idx] = ~changed
+                if not todo.any():
+                    break
+            x_new = (xa + delta).clamp(0.0, 1.0)
+            m_new = self._margin(model, x_new, y[active])
+            n_queries[active] += 1
+            better = m_new < margin[active]
+            x_best[active[better]] = x_new[better]
+            margin[active[better]] = m_new[better]
+        self.last_queries = n_queries.cpu()
+        return project(x_best, x, eps, "linf")
+
+
 _REGISTRY: dict[str, Callable[..., Attack]] = {
     "fgsm": FGSM,
     "bim": BIM,
@@ -342,6 +448,7 @@ _REGISTRY: dict[str, Callable[..., Attack]] = {
     "mim": MIM,
     "cw": CW,
     "deepfool": DeepFool,
+    "square": Square,
 }
 
 
@@ -350,7 +457,7 @@ def list_attacks() -> list[str]:
 
 
 def create_attack(name: str, **kwargs) -> Attack:
-    """Build an attack by name (``fgsm``, ``bim``, ``pgd``, ``pgd_l2``, ``mim``, ``cw``, ``deepfool``)."""
+    """Build an attack by name (``fgsm``, ``bim``, ``pgd``, ``pgd_l2``, ``mim``, ``cw``, ``deepfool``, ``square``)."""
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise ConfigError(f"unknown attack {name!r}; available: {list_attacks()}")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from trn.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_paths"]
+__all__ = ["checkpoint_paths", "load_checkpoint", "save_checkpoint"]
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:

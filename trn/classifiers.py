@@ -6,25 +6,25 @@ split UniG needs; ``create_classifier(name)`` builds one by name, and :func:`wra
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torchvision
+from torch import nn
 
 from trn.checkpoint import load_checkpoint, save_checkpoint
 from trn.errors import CheckpointError, ConfigError
 
 __all__ = [
     "Normalize",
-    "SmallCNN",
     "ResNet18",
+    "SmallCNN",
     "WrappedClassifier",
-    "wrap_classifier",
     "create_classifier",
     "list_classifiers",
-    "save_classifier",
     "load_classifier",
+    "save_classifier",
+    "wrap_classifier",
 ]
 
 

@@ -15,7 +15,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from trn.config import load_config
     from trn.train_classifier import ClassifierTrainConfig, train_classifier
 
-    cfg = load_config(ClassifierTrainConfig, args.config, args.set)
+    overrides = ([f"regularizer={args.regularizer}"] if args.regularizer else []) + args.set  # --set wins
+    cfg = load_config(ClassifierTrainConfig, args.config, overrides)
     meta = train_classifier(cfg)
     print(f"test accuracy {meta['test_accuracy']:.4f} on {meta['test_images']} images -> {cfg.out}")
     return 0
@@ -59,6 +60,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve_command(args)
 
 
+def _cmd_eval_defenses(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.evaluate_defenses import DefenseEvalConfig, run_defense_evaluation
+
+    cfg = load_config(DefenseEvalConfig, args.config, args.set)
+    report = run_defense_evaluation(cfg)
+    print(report.markdown)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trn", description="Two-stream Restoration Network: adversarial image cleaning.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-classifier", help="train a guard/downstream classifier")
     s.add_argument("--config", required=True, help="YAML file (see configs/classifier_fmnist.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.add_argument("--regularizer", choices=["none", "gfa"], default=None,
+                   help="training regulariser (same as --set regularizer=...; gfa: DeepDefense alignment)")
     s.set_defaults(fn=_cmd_train_classifier)
 
     s = sub.add_parser("train", help="train a TRN restorer against a frozen guard (resumable)")
@@ -113,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray address of an existing cluster (default: local Ray)")
     s.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True, help="run until Ctrl-C")
     s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("eval-defenses", help="defence table: TRN vs GCM, UniG, GFA, adversarial training, transforms")
+    s.add_argument("--config", required=True, help="YAML file (see configs/eval_defenses_fmnist.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.set_defaults(fn=_cmd_eval_defenses)
     return p
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from trn.errors import ConfigError
 
-__all__ = ["from_dict", "load_config", "to_dict", "parse_override"]
+__all__ = ["from_dict", "load_config", "parse_override", "to_dict"]
 
 T = TypeVar("T")
 
@@ -23,6 +23,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp in (dict, list, tuple):  # bare ``dict`` / ``list`` / ``tuple``: get_origin() is None for them
+        origin = tp
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -73,7 +73,7 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, n: int | None, seed: int = 0) -> "ImageDataset":
+    def subset(self, n: int | None, seed: int = 0) -> ImageDataset:
         """A seeded random subset of ``n`` images (all of them, in order, when ``n`` is None or >= len)."""
         if n is None or n >= len(self):
             return self
@@ -197,11 +197,32 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
     return ImageDataset(images, labels, names, p.stem)
 
 
-def save_npz(path: str | os.PathLike, ds: ImageDataset, **extra: np.ndarray) -> Path:
-    """Write ``ds`` as ``.npz`` (uint8 NCHW images rounded from [0, 1], int64 labels, class names, extras)."""
+def save_npz(path: str | os.PathLike, ds: ImageDataset, *, image_dtype: str = "uint8", **extra: np.ndarray) -> Path:
+    """Write ``ds`` as ``.npz``: NCHW ``images``, int64 ``labels``, ``class_names`` and any ``extra`` arrays.
+
+    Args:
+        path: output file; parent folders are created. A name without ``.npz`` gets it appended (numpy's rule).
+        ds: the dataset.
+        image_dtype: ``uint8`` (0-255, rounded from [0, 1]: compact, but moves each pixel by up to 0.5/255) or
+            ``float32`` (the [0, 1] values exactly: use it when a perturbation budget must hold to the last bit).
+        extra: further arrays stored under their keyword names.
+
+    Raises:
+        DataError: unknown ``image_dtype``, or float images that are not finite values in [0, 1].
+    """
+    if image_dtype not in ("uint8", "float32"):
+        raise DataError(f"save_npz: image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
     p = Path(path)
+    if p.suffix != ".npz":
+        p = p.with_name(p.name + ".npz")  # what numpy writes anyway; return the real path
     p.parent.mkdir(parents=True, exist_ok=True)
-    images = (ds.images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    if image_dtype == "uint8":
+        images = (ds.images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    else:
+        x = ds.images.detach().cpu().to(torch.float32)
+        if x.numel() and (not torch.isfinite(x).all() or float(x.min()) < 0 or float(x.max()) > 1):
+            raise DataError(f"save_npz: {ds.name} images must be finite and lie in [0, 1] to be saved as float32")
+        images = x.numpy()
     np.savez_compressed(
         p, images=images, labels=ds.labels.numpy(), class_names=np.array(ds.class_names, dtype=str), **extra
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TRNError", "InputError", "ShapeError", "ConfigError", "DataError", "CheckpointError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "ShapeError", "TRNError"]
 
 
 class TRNError(Exception):

@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from trn.attacks import Attack, create_attack
@@ -30,11 +30,11 @@ from trn.classifiers import load_classifier
 from trn.config import to_dict
 from trn.data import load_dataset
 from trn.errors import ConfigError
-from trn.gradients import estimate_gradient_map, GradientMapEstimator
+from trn.gradients import GradientMapEstimator, estimate_gradient_map
 from trn.restorer import Restorer
 from trn.utils import batches, pick_device, seed_everything
 
-__all__ = ["EvalConfig", "EvalReport", "run_evaluation", "make_attack", "Pipeline", "bpda"]
+__all__ = ["EvalConfig", "EvalReport", "Pipeline", "bpda", "make_attack", "run_evaluation"]
 log = logging.getLogger(__name__)
 
 ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "bim": "BIM-20", "pgd": "PGD-40", "mim": "MIM-20",
@@ -69,12 +69,12 @@ def make_attack(name: str, eps: float, cfg: EvalConfig) -> Attack:
     """The evaluation's attack settings (fixed here so every row sees the same attack)."""
     l2 = cfg.l2_per_linf * eps
     settings = {
-        "fgsm": dict(eps=eps),
-        "bim": dict(eps=eps, steps=20),
-        "pgd": dict(eps=eps, steps=40),
-        "mim": dict(eps=eps, steps=20),
-        "cw": dict(eps=l2, c=5.0, steps=50, lr=0.05),
-        "deepfool": dict(eps=l2, steps=50, overshoot=0.02),
+        "fgsm": {"eps": eps},
+        "bim": {"eps": eps, "steps": 20},
+        "pgd": {"eps": eps, "steps": 40},
+        "mim": {"eps": eps, "steps": 20},
+        "cw": {"eps": l2, "c": 5.0, "steps": 50, "lr": 0.05},
+        "deepfool": {"eps": l2, "steps": 50, "overshoot": 0.02},
     }
     if name not in settings:
         raise ConfigError(f"unknown evaluation attack {name!r}; choose from {sorted(settings)}")
@@ -262,8 +262,8 @@ def render_markdown(results: dict, cfg: EvalConfig) -> str:
         lines += [
             "",
             f"### Adaptive white-box, Linf eps = {eps}, PGD-{cfg.adaptive_steps}, {results['n_subset']} test images",
-            "End-to-end: gradients flow through gradient-map estimation (create_graph), the TRN and the guard. "
-            "BPDA: restorer treated as the identity in the backward pass.",
+            ("End-to-end: gradients flow through gradient-map estimation (create_graph), the TRN and the guard. "
+            "BPDA: restorer treated as the identity in the backward pass."),
             "",
             "| defence | gray-box PGD-40 | adaptive (end-to-end) | BPDA |",
             "|---|---:|---:|---:|",

@@ -19,13 +19,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trn.errors import ConfigError, InputError
-from trn.validation import check_labels
+from trn.validation import check_images, check_labels
 
-__all__ = ["estimate_gradient_map", "GradientMapEstimator", "MODES", "SCALES"]
+__all__ = ["MODES", "SCALES", "GradientMapEstimator", "estimate_gradient_map"]
 
 MODES = ("argmax", "topk", "oracle")
 SCALES = ("std", "maxabs", "sign", "none")
@@ -49,6 +49,15 @@ def _label_weights(logits: torch.Tensor, mode: str, k: int, y: torch.Tensor | No
     top_p, top_i = probs.topk(kk, dim=1)
     w = torch.zeros_like(probs).scatter_(1, top_i, top_p)
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _check_settings(mode: str, k: int, scale: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown gradient-map mode {mode!r}; choose from {list(MODES)}")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown gradient-map scale {scale!r}; choose from {list(SCALES)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"top-k needs an integer k >= 1, got {k!r}")
 
 
 def _scale(g: torch.Tensor, scale: str) -> torch.Tensor:
@@ -86,20 +95,22 @@ def estimate_gradient_map(
             it). The label weights are treated as constants either way.
 
     Returns:
-        (B, C, H, W) map. Detached unless ``create_graph``. No parameter gradient accumulates in ``classifier``.
+        (B, C, H, W) map. Detached unless ``create_graph``. No parameter gradient accumulates in ``classifier``,
+        and the training mode of each of its submodules is restored (a frozen BatchNorm stays frozen).
+
+    Raises:
+        ConfigError: unknown ``mode`` / ``scale``, or ``k`` not a positive integer.
+        InputError / ShapeError: ``x`` not a finite float (B, C, H, W) batch in [0, 1]; bad or missing ``y``
+            for ``oracle``.
 
     Shape:
         x: (B, C, H, W) -> (B, C, H, W)
     """
-    if mode not in MODES:
-        raise ConfigError(f"unknown gradient-map mode {mode!r}; choose from {list(MODES)}")
-    if scale not in SCALES:
-        raise ConfigError(f"unknown gradient-map scale {scale!r}; choose from {list(SCALES)}")
-    if not isinstance(k, int) or k < 1:
-        raise ConfigError(f"top-k needs k >= 1, got {k!r}")
+    _check_settings(mode, k, scale)
+    check_images(x, allow_empty=True, name="x")
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    was_training = classifier.training
+    modes = [(m, m.training) for m in classifier.modules()]
     classifier.eval()
     try:
         with torch.enable_grad():
@@ -110,7 +121,8 @@ def estimate_gradient_map(
             loss = (torch.logsumexp(logits, 1) - (w * logits).sum(1)).sum()
             (g,) = torch.autograd.grad(loss, xg, create_graph=create_graph)
     finally:
-        classifier.train(was_training)
+        for m, training in modes:
+            m.train(training)
     g = _scale(g, scale)
     return g if create_graph else g.detach()
 
@@ -125,10 +137,7 @@ class GradientMapEstimator(nn.Module):
 
     def __init__(self, mode: Mode = "topk", k: int = 3, scale: Scale = "std") -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ConfigError(f"unknown gradient-map mode {mode!r}; choose from {list(MODES)}")
-        if scale not in SCALES:
-            raise ConfigError(f"unknown gradient-map scale {scale!r}; choose from {list(SCALES)}")
+        _check_settings(mode, k, scale)
         self.mode, self.k, self.scale = mode, k, scale
 
     def forward(self, x: torch.Tensor, classifier: nn.Module, y: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from trn.errors import InputError, ShapeError
 
-__all__ = ["decode_image", "encode_png", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "encode_png"]
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # refuse anything larger before decoding (decompression bombs)
 
@@ -57,16 +57,20 @@ def decode_image(
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"corrupt or truncated image: {e}") from e
 
-    native = 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    wide = img.mode in ("I", "F") or img.mode.startswith("I;16")  # 16/32-bit integer or float grey
+    native = 1 if wide or img.mode in ("1", "L", "LA") else 3
     want = channels or native
     if want not in (1, 3):
         raise ShapeError(f"only 1- or 3-channel images are supported, asked for {want}")
     if want != native and channel_policy == "reject":
         raise ShapeError(f"image has {native} channel(s) but the model needs {want}")
-    if img.mode in ("I", "I;16", "F"):
+    if wide:
         arr = np.asarray(img, dtype=np.float32)
-        arr = arr / (65535.0 if img.mode.startswith("I") and arr.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr * 255, 0, 255).astype(np.uint8), "L")
+        if img.mode.startswith("I;16"):  # 16-bit file: 65535 is white, however dark this image is
+            arr = arr / 65535.0
+        else:  # 32-bit int / float carry no range: 8-bit values unless they exceed 255
+            arr = arr / (65535.0 if img.mode == "I" and arr.max() > 255 else 255.0)
+        img = Image.fromarray(np.rint(np.clip(arr * 255, 0, 255)).astype(np.uint8), "L")
     img = img.convert("L" if want == 1 else "RGB")
 
     if size is not None and (img.height, img.width) != tuple(size):
@@ -81,10 +85,21 @@ def decode_image(
 
 
 def encode_png(img: np.ndarray | torch.Tensor) -> bytes:
-    """Encode a (C, H, W) image in [0, 1] (1 or 3 channels) as PNG bytes (rounded to 8 bits)."""
+    """Encode a float (C, H, W) image in [0, 1] (1 or 3 channels) as 8-bit PNG bytes (rounded; values outside
+    [0, 1] are clipped).
+
+    Raises:
+        ShapeError: not (C, H, W) with 1 or 3 channels.
+        InputError: not a floating-point image, or NaN / infinite values.
+    """
     a = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ShapeError(f"encode_png expects a (C, H, W) image with 1 or 3 channels, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):  # a uint8 0-255 image would silently clip to black and white
+        raise InputError(f"encode_png expects a float image with values in [0, 1], got dtype {a.dtype} "
+                         "(divide 0-255 values by 255 first)")
+    if not np.isfinite(a).all():
+        raise InputError("encode_png: the image contains NaN or infinite values")
     u8 = (np.clip(a, 0, 1) * 255.0).round().astype(np.uint8)
     pil = Image.fromarray(u8[0], "L") if u8.shape[0] == 1 else Image.fromarray(u8.transpose(1, 2, 0), "RGB")
     buf = io.BytesIO()

@@ -12,16 +12,16 @@ Forward is split the way it reads: :meth:`TRN.encode_image`, :meth:`TRN.encode_g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trn.errors import ConfigError, ShapeError
 
-__all__ = ["TRNConfig", "TRN", "FusionBlock", "create_trn", "list_trn_variants"]
+__all__ = ["TRN", "FusionBlock", "TRNConfig", "create_trn", "list_trn_variants"]
 
 
 @dataclass(frozen=True)

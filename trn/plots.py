@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_sample_grid", "plot_accuracy_vs_eps"]
+__all__ = ["plot_accuracy_vs_eps", "save_sample_grid"]
 
 
 def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, restorer, device=None) -> Path:

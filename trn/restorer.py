@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
+from torch import nn
 
 from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from trn.classifiers import create_classifier, load_classifier
@@ -25,7 +25,7 @@ from trn.gradients import GradientMapEstimator
 from trn.model import TRN, TRNConfig, create_trn
 from trn.validation import check_images
 
-__all__ = ["Restorer", "PRETRAINED", "CHECKPOINT_DIR"]
+__all__ = ["CHECKPOINT_DIR", "PRETRAINED", "Restorer"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 PRETRAINED = {"fashion-mnist": "trn_fmnist"}
@@ -134,7 +134,7 @@ class Restorer(nn.Module):
         return save_checkpoint(path, state, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Restorer":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Restorer:
         """Load a checkpoint written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
         state, meta = load_checkpoint(path, device)
         if meta.get("kind") != "restorer":
@@ -153,7 +153,7 @@ class Restorer(nn.Module):
         return r.to(device)
 
     @classmethod
-    def pretrained(cls, name: str = "fashion-mnist", device: str | torch.device = "cpu") -> "Restorer":
+    def pretrained(cls, name: str = "fashion-mnist", device: str | torch.device = "cpu") -> Restorer:
         """The shipped checkpoint for ``name`` (see ``checkpoints/``)."""
         if name not in PRETRAINED:
             raise ConfigError(f"no pretrained restorer {name!r}; available: {sorted(PRETRAINED)}")
@@ -164,7 +164,7 @@ class Restorer(nn.Module):
 
     @classmethod
     def build(cls, image_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10, arch: str = "trn_tiny",
-              guard_arch: str = "small_cnn", seed: int = 0, two_stream: bool = True, **estimator: Any) -> "Restorer":
+              guard_arch: str = "small_cnn", seed: int = 0, two_stream: bool = True, **estimator: Any) -> Restorer:
         """A freshly initialised (untrained) restorer: for tests and as the starting point of training."""
         torch.manual_seed(seed)
         c, h, _ = image_shape
@@ -178,7 +178,7 @@ class Restorer(nn.Module):
 
     @classmethod
     def from_guard_checkpoint(cls, guard_path: str | os.PathLike, net: TRN, estimator: GradientMapEstimator,
-                              device: str | torch.device = "cpu") -> "Restorer":
+                              device: str | torch.device = "cpu") -> Restorer:
         """Pair a new network with a trained guard checkpoint (used by training)."""
         guard, gmeta = load_classifier(guard_path, device)
         guard._trn_meta = {"arch": gmeta["arch"], "arch_kwargs": gmeta.get("arch_kwargs", {}), "path": str(guard_path),

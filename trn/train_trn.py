@@ -29,7 +29,7 @@ from trn.model import create_trn
 from trn.restorer import Restorer
 from trn.utils import batches, pick_device, seed_everything
 
-__all__ = ["TRNTrainConfig", "train_trn", "make_adversarial_batch"]
+__all__ = ["TRNTrainConfig", "make_adversarial_batch", "train_trn"]
 log = logging.getLogger(__name__)
 
 _TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
@@ -99,20 +99,22 @@ def _train_state_path(out: str) -> Path:
     return Path(str(checkpoint_paths(out)[0].with_suffix("")) + "_train_state")
 
 
-def _save_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer, epoch: int) -> None:
+def _save_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer, epoch: int,
+                      history: list[dict]) -> None:
     state = {f"net.{k}": v for k, v in restorer.net.state_dict().items()}
     for i, (pid, s) in enumerate(opt.state_dict()["state"].items()):
         for name, t in s.items():
             state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
     state["rng.torch"] = torch.get_rng_state()
-    save_checkpoint(_train_state_path(cfg.out), state, {"kind": "train_state", "epoch": epoch, "config": to_dict(cfg)})
+    meta = {"kind": "train_state", "epoch": epoch, "config": to_dict(cfg), "history": history}
+    save_checkpoint(_train_state_path(cfg.out), state, meta)
 
 
-def _load_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer) -> int:
-    """Restore net/optimizer/RNG from OUT.train_state; return the number of finished epochs (0 if none)."""
+def _load_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore net/optimizer/RNG from OUT.train_state; return (finished epochs, their validation history)."""
     path = _train_state_path(cfg.out)
     if not cfg.resume or not checkpoint_paths(path)[0].is_file():
-        return 0
+        return 0, []
     state, meta = load_checkpoint(path, restorer.device)
     if meta.get("config") != to_dict(cfg):
         raise CheckpointError(f"{path}: saved with a different config; delete it or set resume: false")
@@ -125,7 +127,7 @@ def _load_train_state(cfg: TRNTrainConfig, restorer: Restorer, opt: torch.optim.
     opt.load_state_dict(sd)
     torch.set_rng_state(state["rng.torch"].cpu())
     log.info("resumed from %s after epoch %d", path, meta["epoch"])
-    return int(meta["epoch"])
+    return int(meta["epoch"]), list(meta.get("history", []))
 
 
 @torch.no_grad()
@@ -133,7 +135,7 @@ def _quick_val(restorer: Restorer, x: torch.Tensor, y: torch.Tensor) -> dict[str
     """Guard accuracy on clean and PGD-10 (eps 0.1, gray-box) images, before and after restoration."""
     guard = restorer.guard
     x_adv = create_attack("pgd", eps=0.1, steps=10, seed=1)(guard, x, y)
-    acc = lambda z: (guard(z).argmax(1) == y).float().mean().item()  # noqa: E731
+    acc = lambda z: (guard(z).argmax(1) == y).float().mean().item()
     return {"clean": acc(x), "clean_restored": acc(restorer(x)), "pgd": acc(x_adv), "pgd_restored": acc(restorer(x_adv))}
 
 
@@ -152,10 +154,9 @@ def train_trn(cfg: TRNTrainConfig) -> Restorer:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    start_epoch = _load_train_state(cfg, restorer, opt)
+    start_epoch, history = _load_train_state(cfg, restorer, opt)  # history: earlier epochs' validation
     step = start_epoch * steps_per_epoch
     rng = random.Random(cfg.seed + start_epoch)
-    history: list[dict] = []
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -182,7 +183,7 @@ def train_trn(cfg: TRNTrainConfig) -> Restorer:
         val = _quick_val(restorer, test.images.to(device), test.labels.to(device))
         history.append({"epoch": epoch + 1, **val})
         log.info("epoch %d val (%d images): %s", epoch + 1, len(test), {k: round(v, 4) for k, v in val.items()})
-        _save_train_state(cfg, restorer, opt, epoch + 1)
+        _save_train_state(cfg, restorer, opt, epoch + 1, history)
     restorer.eval()
     path = restorer.save(cfg.out, config=to_dict(cfg), history=history, train_images=len(train),
                          train_seconds=round(time.time() - t0, 1), dataset=cfg.dataset, torch=torch.__version__)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
-__all__ = ["seed_everything", "pick_device", "batches", "predict", "accuracy", "eval_mode"]
+__all__ = ["accuracy", "batches", "eval_mode", "pick_device", "predict", "seed_everything"]
 
 
 def seed_everything(seed: int) -> torch.Generator:

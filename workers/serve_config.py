@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -29,20 +30,20 @@ from trn.config import from_dict, load_config
 from trn.errors import ConfigError
 
 __all__ = [
+    "DOWNSTREAM_KINDS",
+    "AppArgs",
     "AutoscalingArgs",
     "DownstreamArgs",
-    "AppArgs",
     "ServeConfig",
-    "load_serve_config",
     "app_args_from_mapping",
-    "DOWNSTREAM_KINDS",
+    "load_serve_config",
 ]
 
 DOWNSTREAM_KINDS = ("none", "guard", "checkpoint", "torchscript", "export", "http")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _positive(where: str, value: float | int | None, allow_zero: bool = False) -> None:
+def _positive(where: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
@@ -144,14 +145,12 @@ class AppArgs:
     num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
     torch_threads: int | None = None  # None: max(1, int(num_cpus))
     health_check_period_s: float = 10.0
-    # Input limits, enforced in the ingress before anything reaches a model replica.
+    # Input limits, enforced in the ingress (the HTTP handlers) before anything reaches the model.
     max_body_bytes: int = 1 << 20  # 413 above this (Content-Length header and bytes actually received)
     max_pixels: int = 1 << 22  # width*height from the image header, checked before decoding (bombs) -> 400
     resize: Literal["reject", "resize"] = "reject"  # off-size images: 422, or bilinear resize (reported in a header)
     channel_policy: Literal["reject", "convert"] = "reject"  # grey<->RGB mismatch: 422, or convert
     downstream: DownstreamArgs = field(default_factory=DownstreamArgs)
-    ingress_replicas: int = 1
-    ingress_max_ongoing_requests: int = 512  # the ingress only awaits other replicas: keep it high
 
     def __post_init__(self) -> None:
         if not self.restorer:
@@ -171,8 +170,6 @@ class AppArgs:
         _positive("health_check_period_s", self.health_check_period_s)
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("max_pixels", self.max_pixels)
-        _positive("ingress_replicas", self.ingress_replicas)
-        _positive("ingress_max_ongoing_requests", self.ingress_max_ongoing_requests)
 
     @property
     def restorer_max_ongoing_requests(self) -> int:
@@ -182,7 +179,7 @@ class AppArgs:
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
 
-    def with_resolved_paths(self) -> "AppArgs":
+    def with_resolved_paths(self) -> AppArgs:
         """Make checkpoint/model paths absolute (replicas may run in another working directory).
 
         A relative path is looked up in the current directory, then in the repository root.

@@ -6,10 +6,13 @@
 * :mod:`~trn.defenses.transforms`: JPEG, bit-depth reduction, median and Gaussian smoothing.
 * :mod:`~trn.defenses.stack`: compose them (and the TRN restorer) from a config list.
 
+:mod:`trn.evaluate_defenses` attacks every composition gray-box, white-box (naive and adaptive: BPDA where a gradient
+is shattered, EOT where the output is random) and with the score-based Square attack.
+
 Importing this package does not import :mod:`trn.restorer`.
 """
 
-from trn.defenses.base import InputTransform, has_feature_split, straight_through
+from trn.defenses.base import InputTransform, bpda_policy, has_feature_split, is_randomized, straight_through
 from trn.defenses.gcm import GCM, GCMClassifier, gcm
 from trn.defenses.gfa import gfa_layer_names, gfa_penalty
 from trn.defenses.stack import (
@@ -34,12 +37,30 @@ from trn.defenses.transforms import (
 from trn.defenses.unig import UniGClassifier
 
 __all__ = [
-    "InputTransform", "has_feature_split", "straight_through",
-    "gcm", "GCM", "GCMClassifier",
+    "GCM",
+    "JPEG",
+    "BitDepthReduction",
+    "DefenseStack",
+    "GCMClassifier",
+    "GaussianBlur",
+    "InputTransform",
+    "MedianSmoothing",
+    "Preprocessor",
+    "RestorerStage",
     "UniGClassifier",
-    "gfa_penalty", "gfa_layer_names",
-    "jpeg", "bit_depth_reduction", "median_smoothing", "gaussian_blur",
-    "JPEG", "BitDepthReduction", "MedianSmoothing", "GaussianBlur",
-    "DefenseStack", "Preprocessor", "RestorerStage", "build_defense_stack", "build_preprocessor",
-    "list_defenses", "parse_defense_spec",
+    "bit_depth_reduction",
+    "bpda_policy",
+    "build_defense_stack",
+    "build_preprocessor",
+    "gaussian_blur",
+    "gcm",
+    "gfa_layer_names",
+    "gfa_penalty",
+    "has_feature_split",
+    "is_randomized",
+    "jpeg",
+    "list_defenses",
+    "median_smoothing",
+    "parse_defense_spec",
+    "straight_through",
 ]

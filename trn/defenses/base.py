@@ -8,10 +8,18 @@ each defence both ways.
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
 
-__all__ = ["straight_through", "InputTransform", "has_feature_split"]
+import torch
+from torch import nn
+
+from trn.errors import ConfigError
+
+__all__ = ["BPDAPolicy", "InputTransform", "bpda_policy", "has_feature_split", "is_randomized", "straight_through"]
+
+BPDAPolicy = Literal["as_built", "nondifferentiable", "all"]
 
 
 def straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,3 +86,39 @@ def has_feature_split(model: nn.Module) -> bool:
     if isinstance(model, WrappedClassifier):
         return model.features_module is not None and model.head_module is not None
     return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+
+
+def is_randomized(module: nn.Module) -> bool:
+    """Whether any part of ``module`` says its output is random (a ``randomized = True`` attribute, e.g. UniG)."""
+    return any(getattr(m, "randomized", False) is True for m in module.modules())
+
+
+@contextmanager
+def bpda_policy(module: nn.Module, policy: BPDAPolicy = "nondifferentiable") -> Iterator[nn.Module]:
+    """Temporarily switch the BPDA (identity-backward) flag of every stage inside ``module``.
+
+    A stage is any submodule with a boolean ``bpda`` attribute (input transforms, GCM, the TRN stage). The forward
+    output never changes; only what an attacker's gradient sees does.
+
+    Args:
+        module: a defended model (e.g. a :class:`~trn.defenses.stack.DefenseStack`).
+        policy: ``"as_built"``: leave the flags (the naive attack); ``"nondifferentiable"``: BPDA where the exact
+            gradient is useless (``differentiable = False``: bit depth, GCM), autograd elsewhere (the end-to-end
+            adaptive attack); ``"all"``: BPDA for every stage (a purifier treated as the identity).
+
+    Example:
+        >>> with bpda_policy(stack, "nondifferentiable"):
+        ...     x_adv = PGD(eps=0.1, steps=40)(stack, x, y)
+    """
+    if policy not in ("as_built", "nondifferentiable", "all"):
+        raise ConfigError(f"BPDA policy must be 'as_built', 'nondifferentiable' or 'all', got {policy!r}")
+    stages = [m for m in module.modules() if isinstance(getattr(m, "bpda", None), bool)]
+    saved = [m.bpda for m in stages]
+    try:
+        for m in stages:
+            if policy == "all" or (policy == "nondifferentiable" and not getattr(m, "differentiable", True)):
+                m.bpda = True
+        yield module
+    finally:
+        for m, flag in zip(stages, saved):
+            m.bpda = flag

@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from trn.defenses.base import InputTransform, has_feature_split
 from trn.errors import ConfigError
 from trn.validation import check_images
 
-__all__ = ["gcm", "GCM", "GCMClassifier"]
+__all__ = ["GCM", "GCMClassifier", "gcm"]
 
 
 def _check_params(w: float, eps: float) -> None:
@@ -42,7 +42,9 @@ def gcm(x: torch.Tensor, w: float = 1e20, eps: float = 1e-8) -> torch.Tensor:
         eps: amplitude (published default 1e-8).
 
     Returns:
-        Same shape and dtype as ``x``. Half-precision inputs are computed in float32 (``w * x`` would overflow).
+        Same shape and dtype as ``x``, clamped to [0, 1] (a pixel within ``eps`` of 0 or 1 could otherwise leave the
+        pixel range and trip the input checks of whatever comes next). Half-precision inputs are computed in
+        float32 (``w * x`` would overflow).
 
     Shape:
         (N, C, H, W) -> (N, C, H, W)
@@ -55,7 +57,7 @@ def gcm(x: torch.Tensor, w: float = 1e20, eps: float = 1e-8) -> torch.Tensor:
     _check_params(w, eps)
     check_images(x, allow_empty=True, name="x")
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return (xf + eps * torch.sin(w * xf)).to(x.dtype)
+    return (xf + eps * torch.sin(w * xf)).clamp(0.0, 1.0).to(x.dtype)
 
 
 class GCM(InputTransform):

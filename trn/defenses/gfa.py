@@ -21,16 +21,16 @@ reported gains come from gradient obfuscation: evaluate GFA-trained models with 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trn.errors import ConfigError
 from trn.validation import check_images, check_labels
 
-__all__ = ["gfa_penalty", "gfa_layer_names", "GFA_LAYER_CHOICES"]
+__all__ = ["GFA_LAYER_CHOICES", "gfa_layer_names", "gfa_penalty"]
 
 GFA_LAYER_CHOICES = ("first", "deep")
 

@@ -17,6 +17,9 @@ Classifier wrappers:
     ``gcm`` (w, eps, bpda), ``unig`` (delta, steps, lr, momentum, weight_decay, num_reference, seed,
     reference_images, reference_dataset, reference_data_dir: ``num_reference`` training images of that dataset,
     chosen with ``seed``, pad small batches).
+
+For attacks, a :class:`DefenseStack` says whether it is ``differentiable`` (else attack it under
+:func:`~trn.defenses.base.bpda_policy`) and ``randomized`` (else :meth:`DefenseStack.expected_logits` gives EOT).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import inspect
 import logging
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from trn.defenses.base import straight_through
+from trn.defenses.base import is_randomized, straight_through
 from trn.defenses.gcm import GCMClassifier
 from trn.defenses.transforms import JPEG, BitDepthReduction, GaussianBlur, MedianSmoothing
 from trn.defenses.unig import UniGClassifier
@@ -38,8 +42,15 @@ from trn.errors import ConfigError
 from trn.validation import check_images
 
 __all__ = [
-    "INPUT_TRANSFORMS", "CLASSIFIER_WRAPPERS", "list_defenses", "parse_defense_spec",
-    "RestorerStage", "Preprocessor", "DefenseStack", "build_preprocessor", "build_defense_stack",
+    "CLASSIFIER_WRAPPERS",
+    "INPUT_TRANSFORMS",
+    "DefenseStack",
+    "Preprocessor",
+    "RestorerStage",
+    "build_defense_stack",
+    "build_preprocessor",
+    "list_defenses",
+    "parse_defense_spec",
 ]
 log = logging.getLogger(__name__)
 
@@ -225,6 +236,34 @@ class DefenseStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.preprocessor(x))
+
+    @property
+    def randomized(self) -> bool:
+        """Whether the output is random (UniG): attack it with EOT (:meth:`expected_logits`)."""
+        return is_randomized(self.preprocessor) or is_randomized(self.classifier)
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether autograd's gradient through every stage is exact and informative (else attack with BPDA)."""
+        stages = [m for m in self.modules() if isinstance(getattr(m, "bpda", None), bool)]
+        return all(getattr(m, "differentiable", True) for m in stages)
+
+    def expected_logits(self, x: torch.Tensor, samples: int = 8) -> torch.Tensor:
+        """Mean logits over ``samples`` runs of the random parts (EOT); the plain output when nothing is random.
+
+        A deterministic preprocessor runs once; a classifier wrapper with its own ``expected_logits`` (UniG) is
+        asked for it, so only its random part is repeated.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"EOT samples must be a positive integer, got {samples!r}")
+        if not self.randomized or samples == 1:
+            return self(x)
+        if is_randomized(self.preprocessor):
+            return torch.stack([self(x) for _ in range(samples)]).mean(0)
+        z = self.preprocessor(x)
+        if callable(getattr(self.classifier, "expected_logits", None)):
+            return self.classifier.expected_logits(z, samples)
+        return torch.stack([self.classifier(z) for _ in range(samples)]).mean(0)
 
     def describe(self) -> str:
         """One line: ``jpeg(quality=75) -> trn -> gcm -> classifier``."""

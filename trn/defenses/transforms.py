@@ -24,8 +24,14 @@ from trn.errors import ConfigError, ShapeError
 from trn.validation import check_images
 
 __all__ = [
-    "jpeg", "bit_depth_reduction", "median_smoothing", "gaussian_blur",
-    "JPEG", "BitDepthReduction", "MedianSmoothing", "GaussianBlur",
+    "JPEG",
+    "BitDepthReduction",
+    "GaussianBlur",
+    "MedianSmoothing",
+    "bit_depth_reduction",
+    "gaussian_blur",
+    "jpeg",
+    "median_smoothing",
 ]
 
 

@@ -25,6 +25,7 @@ outputs (two calls on one instance still differ). Evaluate with EOT and with whi
 
     >>> defended = UniGClassifier(classifier, reference_images=train_images[:4], seed=0)
     >>> logits = defended(x)                  # (N, num_classes); works under torch.no_grad / inference_mode
+    >>> eot = defended.expected_logits(x, 8)  # mean over 8 draws of P: what an EOT attacker differentiates
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import math
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trn.defenses.base import has_feature_split
 from trn.errors import ConfigError, ShapeError
@@ -87,6 +88,7 @@ class UniGClassifier(nn.Module):
     """
 
     has_feature_split = False  # head(f * P) with a per-call P is not a fixed features/head split
+    randomized = True  # outputs are random: evaluate with EOT (see expected_logits)
 
     def __init__(self, classifier: nn.Module, delta: float = 0.5, steps: int = 1, lr: float = 10.0,
                  momentum: float = 0.9, weight_decay: float = 5e-4, reference_images: torch.Tensor | None = None,
@@ -129,6 +131,20 @@ class UniGClassifier(nn.Module):
         Returns:
             ``(logits, P)``: (N, num_classes) and (N, D), ``P`` detached and within ``[1 - delta, 1 + delta]``.
         """
+        return self._run(x, 1)
+
+    def expected_logits(self, x: torch.Tensor, samples: int = 8) -> torch.Tensor:
+        """Mean logits over ``samples`` independent draws of ``P`` (EOT, Athalye et al. 2018), for attacks.
+
+        The backbone runs once; only the cheap ``P`` optimisation and the head are repeated. Gradients w.r.t. ``x``
+        flow through the features, with each ``P`` held constant.
+
+        Shape:
+            (N, C, H, W) -> (N, num_classes)
+        """
+        return self._run(x, _integer(samples, "samples", 1))[0]
+
+    def _run(self, x: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         check_images(x, allow_empty=True, name="x")
         clf = self.classifier
         was_training = clf.training
@@ -136,12 +152,12 @@ class UniGClassifier(nn.Module):
         try:
             if torch.is_inference_mode_enabled():
                 with torch.inference_mode(False):
-                    return self._defend(x.clone())
-            return self._defend(x)
+                    return self._defend(x.clone(), samples)
+            return self._defend(x, samples)
         finally:
             clf.train(was_training)
 
-    def _defend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _defend(self, x: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         clf, n = self.classifier, len(x)
         feats = clf.forward_features(x)  # (N, D); keeps the graph to x when the caller differentiates
         if n == 0:
@@ -156,8 +172,11 @@ class UniGClassifier(nn.Module):
         elif n == 1:
             warnings.warn("UniG on a single image without reference_images: there is no pair to unify, so the "
                           "output is the head on randomly scaled features", stacklevel=3)
-        p = self._optimise_p(f)
-        return clf.forward_head(feats * p[:n]), p[:n]
+        logits = 0.0
+        for _ in range(samples):
+            p = self._optimise_p(f)
+            logits = logits + clf.forward_head(feats * p[:n])
+        return logits / samples, p[:n]
 
     def _optimise_p(self, f: torch.Tensor) -> torch.Tensor:
         """The UniG inner loop on detached features ``f`` (M, D); returns the detached, clamped ``P`` (M, D)."""

@@ -1,0 +1,115 @@
+"""Ray Data sanitisation throughput against the plain in-process loop, on the same cores and the same images.
+
+    python benchmarks/bench_sanitize.py                           # shipped checkpoints/trn_fmnist
+    python benchmarks/bench_sanitize.py --checkpoint runs/my_trn  # another restorer checkpoint
+    python benchmarks/bench_sanitize.py --tiny --images 1024      # untrained restorer (same arch): checks the script
+
+Both sides do the work of one npz job: restore every image, classify it with the guard before and after, measure
+Linf/L2. The in-process loop runs in this process with ``--workers`` torch threads; the Ray side is
+:func:`workers.sanitize.sanitize` on a local Ray with ``--workers`` single-threaded actors (so both use the same
+number of cores), writing its outputs and manifest to a temporary folder. Ray's own start (``ray.init``) is not
+counted; actor start-up, planning and writing are. Two Ray figures are printed: end to end (the whole ``sanitize``
+call) and steady state (first to last batch reaching the driver, which leaves out actor start-up). Target on the
+2-core development machine: end-to-end ratio >= 0.8 with enough images to amortise the start-up (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_restore import REPO, images, load_restorer  # beside this script (a script's folder is on sys.path)
+
+from trn.data import ImageDataset, save_npz
+from trn.restorer import Restorer
+
+
+def in_process(restorer: Restorer, x: torch.Tensor, batch_size: int) -> float:
+    """Seconds for the loop a user would write without Ray (same per-image work as the sanitize actors)."""
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        b = x[i : i + batch_size]
+        y = restorer.restore(b, batch_size=len(b))
+        with torch.no_grad():
+            restorer.guard(b).argmax(1)
+            restorer.guard(y).argmax(1)
+        d = (y - b).flatten(1)
+        d.abs().amax(1), d.norm(dim=1)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "trn_fmnist")
+    p.add_argument("--tiny", action="store_true", help="untrained restorer instead of a checkpoint")
+    p.add_argument("--arch", default="trn_small_28", help="architecture for --tiny")
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="Ray actors = torch threads of the in-process loop")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from workers.resources import local_num_cpus
+    from workers.sanitize import SanitizeConfig, sanitize
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        restorer, name = load_restorer(args, tmp)
+        if args.tiny:
+            checkpoint = tmp / "untrained"
+        else:
+            checkpoint = args.checkpoint
+        x, source = images(restorer.image_shape, args.images)
+        npz = save_npz(tmp / "bench.npz", ImageDataset(x, torch.zeros(len(x), dtype=torch.int64), ("0",)),
+                       image_dtype="float32")
+
+        torch.set_num_threads(args.workers)
+        in_process(restorer, x[: args.batch_size], args.batch_size)  # warm-up
+        t_loop = in_process(restorer, x, args.batch_size)
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=local_num_cpus(args.workers), include_dashboard=False, log_to_driver=False)
+        t_init = time.perf_counter() - t0
+        arrivals: list[tuple[float, int]] = []
+        try:
+            t0 = time.perf_counter()
+            report = sanitize(SanitizeConfig(npz, tmp / "out", checkpoint=checkpoint, workers=args.workers,
+                                             batch_size=args.batch_size),
+                              on_batch=lambda rows: arrivals.append((time.perf_counter(), len(rows))))
+            t_ray = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+    if report.ok != len(x):
+        print(f"error: sanitize returned {report.ok} ok rows of {len(x)}", file=sys.stderr)
+        return 1
+    loop_rate = len(x) / t_loop
+    ray_rate = len(x) / t_ray
+    steady = None
+    if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0]:
+        steady = (len(x) - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0])
+    print(f"restorer: {name}; {len(x)} x {tuple(restorer.image_shape)} images ({source}); batch {args.batch_size}; "
+          f"{args.workers} worker(s); ray.init {t_init:.1f} s (not counted); torch {torch.__version__}, "
+          f"ray {ray.__version__}")
+    print()
+    print("| run | seconds | images/s | vs in-process |")
+    print("|---|---:|---:|---:|")
+    print(f"| in-process loop ({args.workers} torch threads) | {t_loop:.1f} | {loop_rate:,.0f} | 1.00 |")
+    print(f"| Ray Data sanitize, end to end ({args.workers} actors x 1 thread) | {t_ray:.1f} | {ray_rate:,.0f} | "
+          f"{ray_rate / loop_rate:.2f} |")
+    if steady is not None:
+        print(f"| Ray Data sanitize, steady state (first to last batch) | "
+              f"{arrivals[-1][0] - arrivals[0][0]:.1f} | {steady:,.0f} | {steady / loop_rate:.2f} |")
+    print()
+    print(f"Ray / in-process throughput ratio (end to end): {ray_rate / loop_rate:.2f} (target >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

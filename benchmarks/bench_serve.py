@@ -1,0 +1,168 @@
+"""Throughput and latency of the TRN Serve application on loopback, with and without dynamic batching.
+
+    python benchmarks/bench_serve.py                          # shipped checkpoints/trn_fmnist
+    python benchmarks/bench_serve.py --checkpoint runs/my_trn # another restorer checkpoint
+    python benchmarks/bench_serve.py --tiny --duration 3      # an untrained tiny restorer: checks the script works
+
+One Serve replica (``--replica-cpus``), ``POST /v1/restore`` with a 28x28 PNG from N concurrent HTTP clients (one
+asyncio load generator in this process, so client and server share the machine - the same for both modes).
+"without batching" is the same application with ``max_batch_size=1`` (applied live through ``user_config``, the
+replica is not restarted). Prints requests/s, p50/p99 latency and the mean batch size the replica ran per client
+count, then the batched/unbatched throughput ratio. Targets on the 2-core development machine: ratio >= 4 at 32
+clients, p99 < 250 ms at 16 clients (batched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _png(seed: int, shape: tuple[int, int, int]) -> bytes:
+    c, h, w = shape
+    a = np.random.default_rng(seed).integers(0, 256, (h, w) if c == 1 else (h, w, c), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(url: str, bodies: list[bytes], clients: int, duration: float) -> dict:
+    """``clients`` closed-loop clients POSTing for ``duration`` seconds; latency of every completed request."""
+    import httpx
+
+    latencies: list[float] = []
+    batches: list[int] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": "image/png"})
+                dt = time.perf_counter() - t0
+                i += clients
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                latencies.append(dt)
+                batches.append(int(r.headers.get("x-trn-batch-size", 1)))
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - t_start
+    lat = np.asarray(latencies) * 1000.0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "mean_batch": statistics.fmean(batches) if batches else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "trn_fmnist"), help="restorer checkpoint")
+    p.add_argument("--tiny", action="store_true", help="benchmark an untrained trn_tiny restorer (smoke run)")
+    p.add_argument("--clients", default="1,16,32", help="comma-separated concurrent client counts")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per (mode, client count)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each mode's measurements")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched mode")
+    p.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus (and torch threads) of the replica")
+    p.add_argument("--modes", default="batched,unbatched")
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    a = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from trn.restorer import Restorer
+    from workers.serve import build_app
+
+    tmp = None
+    ckpt = a.checkpoint
+    if a.tiny:
+        tmp = tempfile.TemporaryDirectory()
+        ckpt = str(Path(tmp.name) / "trn_tiny")
+        Restorer.build((1, 28, 28)).save(ckpt)
+    shape = tuple(json.loads(Path(ckpt + ".json").read_text()).get("image_shape", (1, 28, 28)))
+    bodies = [_png(i, shape) for i in range(64)]
+    clients = [int(c) for c in a.clients.split(",")]
+
+    ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    results: dict[str, list[dict]] = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/restore"
+        for mode in a.modes.split(","):
+            mbs, wait = (a.max_batch_size, a.batch_wait) if mode == "batched" else (1, 0.0)
+            app = build_app({"restorer": ckpt, "max_batch_size": mbs, "batch_wait_timeout_s": wait,
+                             "num_cpus": a.replica_cpus, "downstream": {"kind": "none"},
+                             "max_queued_requests": -1})
+            serve.run(app, name="bench", route_prefix="/")
+            asyncio.run(_load(url, bodies, max(clients), a.warmup))
+            results[mode] = []
+            for n in clients:
+                r = asyncio.run(_load(url, bodies, n, a.duration))
+                results[mode].append(r)
+                print(f"{mode:>9} clients={n:3d}  {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                      f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch']:5.1f}  errors {r['errors']}",
+                      flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+
+    print(f"\ncheckpoint: {'trn_tiny (untrained)' if a.tiny else ckpt}; max_batch_size={a.max_batch_size}, "
+          f"batch_wait_timeout_s={a.batch_wait}, replica num_cpus={a.replica_cpus}")
+    ok = True
+    if "batched" in results and "unbatched" in results:
+        for rb, ru in zip(results["batched"], results["unbatched"]):
+            print(f"clients={rb['clients']:3d}: batched / unbatched throughput = {rb['rps'] / ru['rps']:.2f}x")
+        by_n = {r["clients"]: r for r in results["batched"]}
+        un_n = {r["clients"]: r for r in results["unbatched"]}
+        if 32 in by_n:
+            ratio = by_n[32]["rps"] / un_n[32]["rps"]
+            ok &= ratio >= 4
+            print(f"target: ratio >= 4x at 32 clients: {ratio:.2f}x -> {'met' if ratio >= 4 else 'NOT met'}")
+        if 16 in by_n:
+            p99 = by_n[16]["p99_ms"]
+            ok &= p99 < 250
+            print(f"target: p99 < 250 ms at 16 clients (batched): {p99:.1f} ms -> {'met' if p99 < 250 else 'NOT met'}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"checkpoint": ckpt, "args": vars(a), "results": results}, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Gradient-map estimation: each mode against a hand-written autograd reference, per-sample scales, classifier state
+left untouched, ``create_graph`` differentiability (gradcheck in float64), and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trn.errors import ConfigError, InputError, ShapeError
+from trn.gradients import MODES, SCALES, GradientMapEstimator, estimate_gradient_map
+
+N, C, H, W, K = 6, 1, 8, 8, 5  # batch, channels, height, width, classes
+
+
+class TinyNet(nn.Module):
+    """Conv + BatchNorm + Dropout + linear head (train/eval leaks would show)."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = act()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * H * W, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.act(self.bn(self.conv(x))).flatten(1)))
+
+
+@pytest.fixture
+def model() -> TinyNet:
+    torch.manual_seed(0)
+    net = TinyNet()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that eval and train mode differ
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand(N, C, H, W, generator=torch.Generator().manual_seed(1))
+
+
+def _reference(model: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d/dx sum_i sum_j w_ij CE(model(x_i), j), written the slow obvious way."""
+    xg = x.clone().requires_grad_(True)
+    logp = F.log_softmax(model(xg), 1)
+    loss = -(weights * logp).sum()
+    (g,) = torch.autograd.grad(loss, xg)
+    return g
+
+
+def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).softmax(1)
+
+
+# --------------------------------------------------------------------------------------------- modes
+def test_argmax_is_ce_against_the_prediction(model: TinyNet, x: torch.Tensor) -> None:
+    pred = _probs(model, x).argmax(1)
+    g = estimate_gradient_map(x, model, mode="argmax", scale="none")
+    assert g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad
+    torch.testing.assert_close(g, _reference(model, x, F.one_hot(pred, K).float()))
+
+
+def test_oracle_is_ce_against_the_true_label(model: TinyNet, x: torch.Tensor) -> None:
+    y = torch.arange(N) % K
+    g = estimate_gradient_map(x, model, mode="oracle", scale="none", y=y)
+    torch.testing.assert_close(g, _reference(model, x, F.one_hot(y, K).float()))
+    assert not torch.allclose(g, estimate_gradient_map(x, model, mode="argmax", scale="none"))
+
+
+@pytest.mark.parametrize("k", [2, 3, K])
+def test_topk_is_the_renormalised_mixture(model: TinyNet, x: torch.Tensor, k: int) -> None:
+    p = _probs(model, x)
+    top_p, top_i = p.topk(k, 1)
+    w = torch.zeros_like(p).scatter_(1, top_i, top_p)
+    w = w / w.sum(1, keepdim=True)
+    g = estimate_gradient_map(x, model, mode="topk", k=k, scale="none")
+    torch.testing.assert_close(g, _reference(model, x, w))
+
+
+def test_topk_edge_cases(model: TinyNet, x: torch.Tensor) -> None:
+    argmax = estimate_gradient_map(x, model, mode="argmax", scale="none")
+    torch.testing.assert_close(estimate_gradient_map(x, model, mode="topk", k=1, scale="none"), argmax)
+    # k above the class count means all classes
+    torch.testing.assert_close(estimate_gradient_map(x, model, mode="topk", k=100, scale="none"),
+                               estimate_gradient_map(x, model, mode="topk", k=K, scale="none"))
+
+
+# --------------------------------------------------------------------------------------------- scales
+def test_scales_are_per_sample(model: TinyNet, x: torch.Tensor) -> None:
+    raw = estimate_gradient_map(x, model, scale="none")
+    std = estimate_gradient_map(x, model, scale="std")
+    maxabs = estimate_gradient_map(x, model, scale="maxabs")
+    sign = estimate_gradient_map(x, model, scale="sign")
+    torch.testing.assert_close(std.flatten(1).pow(2).mean(1).sqrt(), torch.ones(N))
+    torch.testing.assert_close(maxabs.flatten(1).abs().amax(1), torch.ones(N))
+    assert set(sign.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(sign, raw.sign())
+    for scaled in (std, maxabs):  # same direction as the raw map, a positive factor per sample
+        ratio = scaled.flatten(1) / raw.flatten(1)
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+        assert (ratio > 0).all()
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_each_sample_is_independent_of_the_batch(model: TinyNet, x: torch.Tensor, scale: str) -> None:
+    """Normalisation is per sample, never per batch: one image gives the same map alone or in a batch."""
+    whole = estimate_gradient_map(x, model, scale=scale)
+    for i in (0, N - 1):
+        torch.testing.assert_close(estimate_gradient_map(x[i : i + 1], model, scale=scale), whole[i : i + 1])
+    doubled = estimate_gradient_map(torch.cat([x, x.flip(0)]), model, scale=scale)
+    torch.testing.assert_close(doubled[:N], whole)
+
+
+def test_zero_gradient_stays_finite() -> None:
+    """A classifier with a flat loss surface gives a zero map, not NaN, under every scale."""
+    const = nn.Sequential(nn.Flatten(), nn.Linear(C * H * W, K))
+    nn.init.zeros_(const[1].weight)
+    for scale in SCALES:
+        g = estimate_gradient_map(torch.rand(2, C, H, W), const, scale=scale)
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+# --------------------------------------------------------------------------------------------- classifier state
+def test_works_under_no_grad(model: TinyNet, x: torch.Tensor) -> None:
+    expected = estimate_gradient_map(x, model)
+    with torch.no_grad():
+        got = estimate_gradient_map(x, model)
+    assert torch.equal(got, expected) and got.abs().sum() > 0
+
+
+def test_no_parameter_gradients_and_flags_kept(model: TinyNet, x: torch.Tensor) -> None:
+    model.fc.weight.requires_grad_(False)  # a mix of frozen and trainable parameters
+    flags = [p.requires_grad for p in model.parameters()]
+    for create_graph in (False, True):
+        estimate_gradient_map(x, model, create_graph=create_graph)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    model.conv.weight.grad = torch.ones_like(model.conv.weight)  # an existing gradient is left as it was
+    estimate_gradient_map(x, model)
+    assert torch.equal(model.conv.weight.grad, torch.ones_like(model.conv.weight))
+
+
+def test_training_modes_restored_and_eval_used(model: TinyNet, x: torch.Tensor) -> None:
+    expected = estimate_gradient_map(x, model)  # eval mode: deterministic
+    model.train()
+    model.bn.eval()  # a frozen BatchNorm inside a training model stays frozen
+    running = model.bn.running_mean.clone()
+    got = estimate_gradient_map(x, model)
+    assert model.training and model.conv.training and model.drop.training and not model.bn.training
+    assert torch.equal(model.bn.running_mean, running)
+    torch.testing.assert_close(got, expected)  # dropout and batch statistics were off during the call
+    model.eval()
+    estimate_gradient_map(x, model)
+    assert not any(m.training for m in model.modules())
+
+
+def test_modes_restored_after_an_error(model: TinyNet, x: torch.Tensor) -> None:
+    model.train()
+    with pytest.raises(InputError, match="needs the true labels"):
+        estimate_gradient_map(x, model, mode="oracle")
+    assert all(m.training for m in model.modules())
+
+
+def test_function_equals_module(model: TinyNet, x: torch.Tensor) -> None:
+    est = GradientMapEstimator(mode="topk", k=2, scale="maxabs")
+    torch.testing.assert_close(est(x, model), estimate_gradient_map(x, model, "topk", 2, "maxabs"))
+    assert est.settings() == {"mode": "topk", "k": 2, "scale": "maxabs"}
+    assert "mode='topk'" in repr(est)
+    assert list(est.parameters()) == []  # holds settings, not the classifier
+    y = torch.zeros(N, dtype=torch.long)
+    torch.testing.assert_close(GradientMapEstimator("oracle", scale="none")(x, model, y),
+                               estimate_gradient_map(x, model, "oracle", scale="none", y=y))
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2])
+def test_batch_sizes(model: TinyNet, batch: int) -> None:
+    x = torch.rand(batch, C, H, W)
+    for mode in ("argmax", "topk"):
+        g = estimate_gradient_map(x, model, mode=mode)
+        assert g.shape == (batch, C, H, W) and torch.isfinite(g).all()
+    assert estimate_gradient_map(x, model, mode="oracle", y=torch.zeros(batch, dtype=torch.long)).shape == x.shape
+
+
+# --------------------------------------------------------------------------------------------- create_graph
+def _smooth_model() -> nn.Module:
+    """Float64, tanh activations: smooth, so finite differences and gradcheck are meaningful."""
+    torch.manual_seed(0)
+    return TinyNet(act=nn.Tanh).double().eval()
+
+
+@pytest.mark.parametrize(("mode", "scale"), [("argmax", "none"), ("argmax", "std"), ("oracle", "std"),
+                                             ("oracle", "maxabs")])
+def test_create_graph_passes_gradcheck(mode: str, scale: str) -> None:
+    """Second-order gradients through the map are right (label weights are constants: argmax/oracle are exactly
+    differentiable where the prediction does not change; topk's probability weights are deliberately detached)."""
+    model = _smooth_model()
+    x = torch.rand(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
+    y = torch.tensor([1, 3])
+    w = torch.randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def f(inp: torch.Tensor) -> torch.Tensor:
+        return (estimate_gradient_map(inp, model, mode=mode, scale=scale, y=y, create_graph=True) * w).sum()
+
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True),), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "topk"])
+def test_create_graph_second_order_gradient_is_nonzero(model: TinyNet, x: torch.Tensor, mode: str) -> None:
+    xg = x.clone().requires_grad_(True)
+    g = estimate_gradient_map(xg, model, mode=mode, create_graph=True)
+    assert g.requires_grad
+    (h,) = torch.autograd.grad(g.pow(2).sum() + (g * x).sum(), xg)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(g.detach(), estimate_gradient_map(x, model, mode=mode))  # same values
+
+
+def test_without_create_graph_the_map_is_a_constant(model: TinyNet, x: torch.Tensor) -> None:
+    xg = x.clone().requires_grad_(True)
+    g = estimate_gradient_map(xg, model)
+    assert not g.requires_grad and g.grad_fn is None
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_bad_settings(model: TinyNet, x: torch.Tensor) -> None:
+    with pytest.raises(ConfigError, match=r"unknown gradient-map mode 'random'; choose from \['argmax'"):
+        estimate_gradient_map(x, model, mode="random")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown gradient-map scale 'l2'"):
+        estimate_gradient_map(x, model, scale="l2")  # type: ignore[arg-type]
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="top-k needs an integer k >= 1"):
+            estimate_gradient_map(x, model, k=k)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown gradient-map mode"):
+        GradientMapEstimator(mode="true")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown gradient-map scale"):
+        GradientMapEstimator(scale="rms")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="top-k"):
+        GradientMapEstimator(k=0)
+    assert MODES == ("argmax", "topk", "oracle")
+
+
+def test_bad_images(model: TinyNet, x: torch.Tensor) -> None:
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        estimate_gradient_map(nan, model)
+    with pytest.raises(ShapeError, match="4-D"):
+        estimate_gradient_map(x[0], model)
+    with pytest.raises(InputError, match="floating-point"):
+        estimate_gradient_map((x * 255).to(torch.uint8), model)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        estimate_gradient_map(x * 255, model)
+    with pytest.raises(InputError, match="torch.Tensor"):
+        estimate_gradient_map(x.numpy(), model)  # type: ignore[arg-type]
+
+
+def test_bad_oracle_labels(model: TinyNet, x: torch.Tensor) -> None:
+    with pytest.raises(InputError, match="'oracle' gradient map needs the true labels y"):
+        estimate_gradient_map(x, model, mode="oracle")
+    with pytest.raises(ShapeError, match=rf"y must have shape \({N},\)"):
+        estimate_gradient_map(x, model, mode="oracle", y=torch.zeros(N - 1, dtype=torch.long))
+    with pytest.raises(InputError, match="integer tensor"):
+        estimate_gradient_map(x, model, mode="oracle", y=torch.zeros(N))
+    with pytest.raises(InputError, match=r"y must lie in \[0, 4\]"):
+        estimate_gradient_map(x, model, mode="oracle", y=torch.full((N,), K))

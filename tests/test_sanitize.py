@@ -1,0 +1,328 @@
+"""``trn sanitize`` on Ray Data: folder / Parquet / npz inputs, per-row errors, manifest accounting, resume, CLI.
+
+A tiny untrained restorer (``Restorer.build``, its network nudged away from the identity so that restoring changes
+the pixels) is saved to a temporary checkpoint; the outputs are checked against the same restorer run in-process.
+Ray tests share one local Ray instance per module (2 CPUs, no dashboard).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from trn.cli import main
+from trn.data import ImageDataset, load_npz, save_npz
+from trn.errors import ConfigError, InputError
+from trn.imageio import decode_image
+from trn.restorer import Restorer
+from workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
+from workers.sanitize import (
+    MANIFEST_NAME,
+    SPEC_NAME,
+    SanitizeConfig,
+    SanitizeError,
+    _account,
+    _Plan,
+    _png_names,
+    detect_input,
+    read_manifest,
+    run_sanitize_command,
+    sanitize,
+)
+
+N_NPZ = 40
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = Restorer.build(seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in r.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    r.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def restorer(checkpoint: Path) -> Restorer:
+    return Restorer.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _grey(rng: np.random.Generator, h: int = 28, w: int = 28) -> np.ndarray:
+    return rng.integers(0, 256, (h, w), dtype=np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """8 good images (nested folders, one JPEG), one corrupt PNG, one 30x30 PNG."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for rel in ("a/0.png", "a/1.png", "a/b/2.png", "a/b/3.png", "c/4.png", "c/d/e/5.png", "6.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(_grey(rng)))
+    Image.fromarray(_grey(rng)).save(root / "c" / "7.jpg", quality=95)
+    (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    (root / "c" / "big.png").write_bytes(_png(_grey(rng, 30, 30)))
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.fixture
+def labelled_npz(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(2)
+    ds = ImageDataset(torch.rand(N_NPZ, 1, 28, 28, generator=g), torch.randint(0, 10, (N_NPZ,), generator=g),
+                      tuple(str(i) for i in range(10)), "adv")
+    return save_npz(tmp_path / "adv.npz", ds, image_dtype="float32")
+
+
+def _lines(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------- no Ray
+def test_detect_input(tmp_path: Path, image_folder: Path, labelled_npz: Path) -> None:
+    assert detect_input(image_folder) == "folder"
+    assert detect_input(labelled_npz) == "npz"
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "t.parquet")
+    assert detect_input(tmp_path / "t.parquet") == "parquet"
+    with pytest.raises(InputError, match="input not found"):
+        detect_input(tmp_path / "missing")
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(InputError, match="unsupported input file"):
+        detect_input(tmp_path / "x.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        detect_input(tmp_path / "empty")
+
+
+def test_cli_missing_input_is_a_clear_error(tmp_path: Path, checkpoint: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["sanitize", str(tmp_path / "nope.npz"), str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    assert rc == 2
+    assert "input not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written, no Ray started for a job that cannot run
+
+
+def test_cli_bad_checkpoint_is_a_clear_error(labelled_npz: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["sanitize", str(labelled_npz), str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none")])
+    assert rc == 2
+    assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        SanitizeConfig("in", "out", batch_size=0)
+    with pytest.raises(ConfigError, match="workers"):
+        SanitizeConfig("in", "out", workers=0)
+    with pytest.raises(ConfigError, match="resize"):
+        SanitizeConfig("in", "out", resize="stretch")  # type: ignore[arg-type]
+
+
+def test_resources_helpers() -> None:
+    assert gpus_per_actor(None, 2, 0) == 0
+    assert gpus_per_actor(None, 2, 4) == 1
+    assert gpus_per_actor(None, 4, 2) == 0.5  # fewer GPUs than actors: share them so the pool still fits
+    assert gpus_per_actor(0.25, 2, 1) == 0.25
+    with pytest.raises(ConfigError, match="cluster has 0"):
+        gpus_per_actor(1, 2, 0)
+    assert local_num_cpus(8) >= 9
+    kw = map_batches_resource_kwargs(ActorPool(workers=3, num_gpus=0.5, max_restarts=2, max_task_retries=5))
+    assert kw["num_cpus"] == 1.0 and kw["num_gpus"] == 0.5
+    size = (kw["compute"].min_size, kw["compute"].max_size) if "compute" in kw else (kw["concurrency"],) * 2
+    assert size == (3, 3)
+    assert kw.get("max_restarts", 2) == 2 and kw.get("max_task_retries", 5) == 5
+    assert "num_gpus" not in map_batches_resource_kwargs(ActorPool(workers=1))
+
+
+def test_png_names_keep_paths_and_avoid_collisions() -> None:
+    names = _png_names(["a/b.jpg", "a/c.png", "d.JPEG", "e.png", "e.jpg"])
+    assert names == {"a/b.jpg": "a/b.png", "a/c.png": "a/c.png", "d.JPEG": "d.png", "e.png": "e.png",
+                     "e.jpg": "e.jpg.png"}
+
+
+def test_manifest_reader_tolerates_a_truncated_last_line(tmp_path: Path) -> None:
+    m = tmp_path / MANIFEST_NAME
+    m.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "status": "error"}\n{"id": "a", "status": "error"}\n'
+                 '{"id": "c", "sta')
+    rows = read_manifest(m)
+    assert set(rows) == {"a", "b"} and rows["a"]["status"] == "error"  # the last line for an id wins
+    m.write_text('{"id": "a", "status": "ok"}\ngarbage\n{"id": "b", "status": "ok"}\n')
+    with pytest.raises(SanitizeError, match="line 2"):
+        read_manifest(m)
+
+
+def test_accounting_raises_when_an_input_is_missing_or_unknown(tmp_path: Path) -> None:
+    plan = _Plan("npz", tmp_path / "x.npz", ["0", "1", "2"])
+    _account(plan, {"0": {"status": "ok"}, "1": {"status": "error"}, "2": {"status": "ok"}}, tmp_path / "m")
+    with pytest.raises(SanitizeError, match="1 missing"):
+        _account(plan, {"0": {"status": "ok"}, "1": {"status": "error"}}, tmp_path / "m")
+    with pytest.raises(SanitizeError, match="1 unknown"):
+        _account(plan, {"0": {"status": "ok"}, "1": {"status": "ok"}, "2": {"status": "ok"}, "9": {"status": "ok"}},
+                 tmp_path / "m")
+
+
+def test_output_of_another_job_is_refused(tmp_path: Path, labelled_npz: Path, checkpoint: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SPEC_NAME).write_text(json.dumps({"input": "/elsewhere.npz", "kind": "npz"}))
+    with pytest.raises(SanitizeError, match="different sanitize job"):
+        sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint))
+
+
+# --------------------------------------------------------------------------------------------- Ray jobs
+@pytest.mark.ray
+def test_folder_job_mirrors_layout_and_records_errors(ray_local, image_folder: Path, tmp_path: Path,
+                                                      checkpoint: Path, restorer: Restorer) -> None:
+    out = tmp_path / "clean"
+    batches: list[int] = []
+    report = sanitize(SanitizeConfig(image_folder, out, checkpoint=checkpoint, workers=2, batch_size=3),
+                      on_batch=lambda rows: batches.append(len(rows)))
+    assert (report.total, report.ok, report.errors, report.processed, report.skipped) == (10, 8, 2, 10, 0)
+    assert sum(batches) == 10
+    rows = {r["id"]: r for r in _lines(out / MANIFEST_NAME)}
+    assert len(rows) == 10 and len(_lines(out / MANIFEST_NAME)) == 10
+    assert sum(r["status"] == "ok" for r in rows.values()) + sum(r["status"] == "error" for r in rows.values()) == 10
+    corrupt = rows["a/corrupt.png"]
+    assert corrupt["status"] == "error" and ("decodable" in corrupt["message"] or "corrupt" in corrupt["message"])
+    assert rows["c/big.png"]["status"] == "error" and "30x30" in rows["c/big.png"]["message"]
+    assert not (out / "a" / "corrupt.png").exists() and not (out / "c" / "big.png").exists()
+    for rid in ("a/0.png", "a/b/3.png", "c/d/e/5.png", "6.png", "c/7.jpg"):
+        r = rows[rid]
+        assert r["status"] == "ok" and r["message"] == ""
+        assert 0 <= r["pred_before"] < 10 and 0 <= r["pred_after"] < 10
+        assert r["linf"] > 0 and r["l2"] >= r["linf"]
+        assert r["node"] and r["worker"] > 0
+        cleaned = out / r["output"]
+        assert cleaned.suffix == ".png" and cleaned.is_file()
+        x = decode_image((image_folder / rid).read_bytes(), channels=1)
+        y = decode_image(cleaned.read_bytes(), channels=1)
+        expected = restorer.restore(torch.from_numpy(x)[None])[0].numpy()
+        assert np.abs(y - expected).max() <= 0.5 / 255 + 1e-5  # the PNG holds the restored image, 8-bit rounded
+        assert r["linf"] == pytest.approx(float(np.abs(y - x).max()), abs=1e-5)  # measured on what was written
+    assert (out / "c" / "7.png").is_file()  # JPEG in, PNG out, same relative path
+
+
+@pytest.mark.ray
+def test_folder_resume_redoes_only_what_the_manifest_lacks(ray_local, image_folder: Path, tmp_path: Path,
+                                                           checkpoint: Path) -> None:
+    out = tmp_path / "clean"
+    cfg = SanitizeConfig(image_folder, out, checkpoint=checkpoint, workers=1, batch_size=4)
+    first = sanitize(cfg)
+    assert (first.ok, first.errors) == (8, 2)
+    # simulate a job killed part-way: keep 5 manifest lines and a half-written 6th; also lose one written image
+    lines = (out / MANIFEST_NAME).read_text().splitlines(keepends=True)
+    kept = [json.loads(line) for line in lines[:5]]
+    (out / MANIFEST_NAME).write_text("".join(lines[:5]) + lines[5][:10])
+    lost = next(r for r in kept if r["status"] == "ok")
+    (out / lost["output"]).unlink()
+    second = sanitize(cfg)
+    assert (second.total, second.ok, second.errors) == (10, 8, 2)
+    assert second.skipped == 4 and second.processed == 6  # 5 kept lines, one of which lost its image
+    assert (out / lost["output"]).is_file()
+    assert len(read_manifest(out / MANIFEST_NAME)) == 10
+    third = sanitize(cfg)  # all done: nothing to process, no actors started
+    assert (third.processed, third.skipped, third.ok) == (0, 10, 8)
+
+
+@pytest.mark.ray
+def test_parquet_job_keeps_columns_and_rows_in_order(ray_local, tmp_path: Path, checkpoint: Path,
+                                                     restorer: Restorer) -> None:
+    rng = np.random.default_rng(3)
+    src = tmp_path / "pq"
+    (src / "part").mkdir(parents=True)
+    good = [_png(_grey(rng)) for _ in range(7)]
+    t1 = pa.table({"key": [f"k{i}" for i in range(5)], "label": list(range(5)),
+                   "image": [good[0], b"junk", good[1], None, _png(_grey(rng, 32, 32))]})
+    pq.write_table(t1, src / "a.parquet", row_group_size=2)
+    t2 = pa.table({"image": [{"bytes": good[i], "path": f"{i}.png"} for i in range(2, 7)], "label": [7] * 5})
+    pq.write_table(t2, src / "part" / "b.parquet")
+    out = tmp_path / "clean"
+    report = sanitize(SanitizeConfig(src, out, checkpoint=checkpoint, workers=2, batch_size=2, resize="resize"))
+    assert (report.kind, report.total, report.ok, report.errors) == ("parquet", 10, 8, 2)
+    rows = read_manifest(out / MANIFEST_NAME)
+    assert rows["a.parquet:1"]["status"] == "error" and rows["a.parquet:3"]["status"] == "error"
+    assert "null" in rows["a.parquet:3"]["message"]
+    assert rows["a.parquet:4"]["status"] == "ok"  # 32x32 resized under resize="resize"
+    a = pq.read_table(out / "a.parquet")
+    assert a.column_names == ["key", "label", "image"]
+    assert a.column("key").to_pylist() == ["k0", "k2", "k4"]  # error rows left out, order kept
+    x = decode_image(good[1], channels=1)
+    y = decode_image(a.column("image")[1].as_py(), channels=1)
+    expected = restorer.restore(torch.from_numpy(x)[None])[0].numpy()
+    assert np.abs(y - expected).max() <= 0.5 / 255 + 1e-5
+    b = pq.read_table(out / "part" / "b.parquet")
+    assert b.num_rows == 5 and b.column("label").to_pylist() == [7] * 5
+
+
+@pytest.mark.ray
+def test_npz_job_reports_accuracy_and_resumes(ray_local, labelled_npz: Path, tmp_path: Path, checkpoint: Path,
+                                              restorer: Restorer, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "clean"
+    args = Namespace(input=str(labelled_npz), output=str(out), checkpoint=str(checkpoint), workers=2, batch_size=8,
+                     num_gpus=None, image_column="image", resize="reject", address=None)
+    assert run_sanitize_command(args) == 0
+    printed = capsys.readouterr().out
+    assert f"| {N_NPZ} | {N_NPZ} | 0 | 0 | {N_NPZ} |" in printed
+    assert f"guard accuracy on {N_NPZ} labelled images: before" in printed
+    src = load_npz(labelled_npz)
+    res = load_npz(out / "adv.npz")
+    with np.load(out / "adv.npz") as z:
+        assert z["images"].dtype == np.float32
+        assert z["index"].tolist() == list(range(N_NPZ))
+    expected = restorer.restore(src.images)
+    assert torch.allclose(res.images, expected, atol=1e-5)
+    assert torch.equal(res.labels, src.labels)
+    rows = read_manifest(out / MANIFEST_NAME)
+    with torch.no_grad():
+        before = restorer.guard(src.images).argmax(1)
+        after = restorer.guard(expected).argmax(1)
+    assert [rows[str(i)]["pred_before"] for i in range(N_NPZ)] == before.tolist()
+    assert [rows[str(i)]["pred_after"] for i in range(N_NPZ)] == after.tolist()
+    assert [rows[str(i)]["label"] for i in range(N_NPZ)] == src.labels.tolist()
+    expected_acc = (after == src.labels).float().mean().item()
+    assert f"after {expected_acc:.2%}" in printed
+
+    # a partial manifest (first 13 rows) is finished by a rerun, and the assembled npz is the same
+    lines = (out / MANIFEST_NAME).read_text().splitlines(keepends=True)
+    (out / MANIFEST_NAME).write_text("".join(lines[:13]))
+    report = sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint, workers=1, batch_size=8))
+    assert (report.skipped, report.processed, report.ok, report.errors) == (13, N_NPZ - 13, N_NPZ, 0)
+    assert report.accuracy_after == pytest.approx(expected_acc)
+    assert torch.allclose(load_npz(out / "adv.npz").images, expected, atol=1e-5)
+    assert len(read_manifest(out / MANIFEST_NAME)) == N_NPZ

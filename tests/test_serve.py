@@ -1,0 +1,437 @@
+"""The Ray Serve application, over real HTTP on loopback: restore, classify (guard / composed deployment / external
+HTTP endpoint), healthz, OpenAPI, every bad-input case, config errors, and ``trn serve``.
+
+One Ray instance and one Serve instance for the module (tiny untrained checkpoints built in tmp_path); the whole file
+runs in well under three minutes on two shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from trn.classifiers import create_classifier, save_classifier
+from trn.errors import CheckpointError, ConfigError
+from trn.imageio import decode_image
+from trn.restorer import Restorer
+
+httpx = pytest.importorskip("httpx")
+serve = pytest.importorskip("ray.serve")
+
+from workers.serve import DownstreamClassifier, build_app, load_downstream_model, run_serve_command
+from workers.serve_config import DownstreamArgs, app_args_from_mapping, load_serve_config
+
+REPO = Path(__file__).resolve().parent.parent
+NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+SMALL = {"num_cpus": 0.25, "health_check_period_s": 2.0}  # four apps share a 4-logical-CPU test Ray
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _png(a: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image(seed: int = 0, size: int = 28, rgb: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size, size, 3) if rgb else (size, size), dtype=np.uint8)
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG header claiming width x height pixels (no pixel data): must be refused before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_restore(restorer: Restorer, png: bytes) -> np.ndarray:
+    x = torch.from_numpy(decode_image(png, channels=1, size=(28, 28)))[None]
+    return restorer.restore(x)[0].numpy()
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["status"] == status and err["message"]
+    return err
+
+
+class _Downstream(BaseHTTPRequestHandler):
+    """A tiny external classifier: remembers the PNG it got, answers named probabilities."""
+
+    received: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(body)
+        if self.headers.get("Content-Type") != "image/png":
+            self.send_response(415)
+            self.end_headers()
+            return
+        probs = {n: (0.91 if n == "bag" else 0.01) for n in NAMES}
+        out = json.dumps({"probabilities": probs}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("serve_ckpts")
+    r = Restorer.build((1, 28, 28), num_classes=10, seed=0)
+    r.class_names = tuple(NAMES)
+    r.save(d / "trn_tiny")
+    torch.manual_seed(1)
+    clf = create_classifier("small_cnn", in_channels=1, num_classes=10, image_size=28).eval()
+    save_classifier(d / "clf", clf, "small_cnn", {"in_channels": 1, "num_classes": 10, "image_size": 28},
+                    {"class_names": NAMES})
+    return {"restorer": str(d / "trn_tiny"), "classifier": str(d / "clf"), "dir": d, "clf": clf,
+            "model": Restorer.load(d / "trn_tiny")}
+
+
+@pytest.fixture(scope="module")
+def http_downstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Downstream)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/predict"
+    server.shutdown()
+    server.server_close()
+
+
+def _start_ray(ray, attempts: int = 3) -> None:
+    """ray.init for tests; retried because on a saturated machine the raylet can miss Ray's fixed 30 s start-up
+    deadline ("The current node timed out during startup")."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+            return
+        except Exception as e:
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+
+
+@pytest.fixture(scope="module")
+def service(ckpts, http_downstream):
+    """Serve on 127.0.0.1:<free port> with three apps: /g (guard), /c (composed classifier deployment), and /h
+    (external HTTP classifier, resize + convert policies) deployed through ``trn serve``'s code path."""
+    import ray
+    from ray.serve.api import RunTarget
+
+    _start_ray(ray)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = {"restorer": ckpts["restorer"], "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **SMALL}
+        guard = build_app({**base, "max_body_bytes": 64 * 1024, "max_pixels": 512 * 512})
+        composed = build_app({**base, "downstream": {"kind": "checkpoint", "path": ckpts["classifier"],
+                                                     "num_cpus": 0.25, "max_batch_size": 4}})
+        # Replica start-up (importing torch) dominates this file's runtime: start all three apps at once.
+        serve.run_many([RunTarget(guard, "guard", "/g"), RunTarget(composed, "composed", "/c")],
+                       wait_for_applications_running=False)
+        cli_args = argparse.Namespace(
+            config=str(REPO / "configs" / "serve.yaml"),
+            set=[f"app.restorer={ckpts['restorer']}", f"port={port}", "host=127.0.0.1", "route_prefix=/h",
+                 "app_name=external", "app.num_cpus=0.25", "app.resize=resize", "app.channel_policy=convert",
+                 "app.downstream.kind=http", f"app.downstream.url={http_downstream}", "app.downstream.timeout_s=10"],
+            address=None, blocking=False,
+        )
+        cli_rc = run_serve_command(cli_args)  # returns once /h is running
+        deadline = time.monotonic() + 600
+        while (states := {serve.status().applications[a].status for a in ("guard", "composed")}) != {"RUNNING"}:
+            assert time.monotonic() < deadline and not states & {"DEPLOY_FAILED", "UNHEALTHY"}, serve.status()
+            time.sleep(0.5)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield {"client": client, "port": port, "cli_rc": cli_rc, **ckpts}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP tests
+@pytest.mark.ray
+def test_healthz_and_openapi(service) -> None:
+    c = service["client"]
+    r = c.get("/g/healthz")
+    assert r.status_code == 200, r.text
+    h = r.json()
+    assert h["status"] == "ok" and h["image_shape"] == [1, 28, 28] and h["downstream"] == "guard"
+    assert h["max_batch_size"] == 8 and h["device"] == "cpu"
+    spec = c.get("/g/openapi.json").json()
+    assert {"/v1/restore", "/v1/classify", "/healthz"} <= set(spec["paths"])
+    content = spec["paths"]["/v1/restore"]["post"]["requestBody"]["content"]
+    assert {"image/png", "multipart/form-data", "application/x-npy"} <= set(content)
+    assert "413" in spec["paths"]["/v1/restore"]["post"]["responses"]
+    assert c.get("/g/docs").status_code == 200
+
+
+@pytest.mark.ray
+def test_restore_png(service) -> None:
+    c, model = service["client"], service["model"]
+    png = _png(_image(0))
+    r = c.post("/g/v1/restore", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and "x-trn-resized-from" not in r.headers
+    out = Image.open(io.BytesIO(r.content))
+    out.load()
+    assert out.size == (28, 28) and out.mode == "L"
+    expected = _local_restore(model, png)[0]
+    got = np.asarray(out, dtype=np.float32) / 255.0
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6  # same network, 8-bit rounding only
+    # multipart upload of the same file: the same answer
+    r2 = c.post("/g/v1/restore", files={"file": ("x.png", png, "image/png")})
+    assert r2.status_code == 200, r2.text
+    assert r2.content == r.content
+
+
+@pytest.mark.ray
+def test_restore_tensor_formats(service) -> None:
+    c, model = service["client"], service["model"]
+    png = _png(_image(1))
+    expected = _local_restore(model, png)
+    r = c.post("/g/v1/restore?format=npy", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+    a = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert a.shape == (1, 28, 28) and a.dtype == np.float32
+    np.testing.assert_allclose(a, expected, atol=1e-5)
+    r = c.post("/g/v1/restore?format=json", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200
+    j = r.json()
+    assert j["shape"] == [1, 28, 28] and j["dtype"] == "float32"
+    np.testing.assert_allclose(np.asarray(j["data"], dtype=np.float32), expected, atol=1e-5)
+    # a float tensor in (.npy), a tensor out
+    x = np.asarray(decode_image(png, channels=1), dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    r = c.post("/g/v1/restore?format=npy", content=buf.getvalue(), headers={"Content-Type": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), expected, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_dynamic_batching(service) -> None:
+    png = _png(_image(2))
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service['port']}", timeout=60) as ac:
+            return await asyncio.gather(*(ac.post("/g/v1/restore", content=png,
+                                                  headers={"Content-Type": "image/png"}) for _ in range(16)))
+
+    rs = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in rs)
+    assert len({r.content for r in rs}) == 1  # batching changes nothing in the answer
+    sizes = [int(r.headers["x-trn-batch-size"]) for r in rs]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+
+
+@pytest.mark.ray
+def test_classify_guard(service) -> None:
+    c, model = service["client"], service["model"]
+    png = _png(_image(3))
+    r = c.post("/g/v1/classify", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["classifier"] == "guard" and list(j["probabilities"]) == NAMES
+    assert abs(sum(j["probabilities"].values()) - 1) < 1e-4
+    with torch.no_grad():
+        p = torch.softmax(model.guard(torch.from_numpy(_local_restore(model, png))[None]), 1)[0]
+    assert j["index"] == int(p.argmax()) and j["label"] == NAMES[j["index"]]
+    np.testing.assert_allclose([j["probabilities"][n] for n in NAMES], p.numpy(), atol=1e-4)
+
+
+@pytest.mark.ray
+def test_classify_composed_deployment(service) -> None:
+    c, model, clf = service["client"], service["model"], service["clf"]
+    png = _png(_image(4))
+    r = c.post("/c/v1/classify", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["classifier"] == "checkpoint" and list(j["probabilities"]) == NAMES
+    with torch.no_grad():
+        p = torch.softmax(clf(torch.from_numpy(_local_restore(model, png))[None]), 1)[0]
+    np.testing.assert_allclose([j["probabilities"][n] for n in NAMES], p.numpy(), atol=1e-4)
+    assert j["label"] == NAMES[int(p.argmax())]
+    assert service["client"].get("/c/healthz").json()["downstream"] == "checkpoint"
+
+
+@pytest.mark.ray
+def test_classify_external_http_with_resize(service) -> None:
+    c = service["client"]
+    _Downstream.received.clear()
+    png = _png(_image(5, size=56, rgb=True))  # off-size RGB: this app converts and resizes, and says so
+    r = c.post("/h/v1/classify", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["classifier"] == "http" and j["label"] == "bag" and j["resized_from"] == [56, 56]
+    assert abs(j["probabilities"]["bag"] - 0.91) < 1e-6
+    assert len(_Downstream.received) == 1
+    sent = Image.open(io.BytesIO(_Downstream.received[0]))
+    assert sent.format == "PNG" and sent.size == (28, 28)  # the endpoint got the cleaned image
+    r = c.post("/h/v1/restore", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.headers["x-trn-resized-from"] == "56x56"
+    assert Image.open(io.BytesIO(r.content)).size == (28, 28)
+
+
+@pytest.mark.ray
+def test_bad_inputs_then_service_stays_up(service) -> None:
+    c = service["client"]
+    png = _png(_image(6))
+
+    def post(body, ctype: str = "image/png", path: str = "/g/v1/restore") -> httpx.Response:
+        return c.post(path, content=body, headers={"Content-Type": ctype})
+
+    assert "not a decodable image" in _error(post(b"this is not an image at all"), 400)["message"]
+    _error(post(png[: len(png) // 2]), 400)  # truncated
+    assert "empty" in _error(post(b""), 400)["message"]
+    assert "pixels" in _error(post(_bomb_png()), 400)["message"]  # refused from the header
+    big = _png(np.zeros((600, 600), np.uint8))  # small file, too many pixels for this app (512*512)
+    assert len(big) < 64 * 1024
+    _error(post(big), 400)
+    err = _error(post(_png(_image(7, rgb=True))), 422)  # wrong channel count, channel_policy: reject
+    assert err["type"] == "ShapeError" and "channel" in err["message"]
+    assert "resize" in _error(post(_png(_image(8, size=32))), 422)["message"]  # off-size, resize: reject
+    # oversized bodies: a declared Content-Length, and a chunked body with none
+    err = _error(post(b"\0" * (64 * 1024 + 1)), 413)
+    assert err["type"] == "BodyTooLarge"
+
+    def chunks():
+        for _ in range(80):
+            yield b"\0" * 1024
+
+    _error(c.post("/g/v1/restore", content=chunks(), headers={"Content-Type": "image/png"}), 413)
+    _error(post(b'{"x": 1}', "application/json"), 415)
+    _error(post(b"\x93NUMPY garbage", "application/x-npy"), 400)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 28, 28), np.float32))
+    _error(post(buf.getvalue(), "application/x-npy"), 422)
+    buf = io.BytesIO()
+    np.save(buf, np.full((1, 28, 28), 2.0, np.float32))
+    _error(post(buf.getvalue(), "application/x-npy"), 400)
+    _error(post(png, path="/g/v1/restore?format=bmp"), 422)
+    _error(c.post("/g/v1/restore", files={"other": ("", b"x")}, data={"a": "b"}), 400)
+    _error(c.get("/g/v1/nothing"), 404)
+    # the same replica still answers good requests
+    r = post(png)
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (28, 28)
+    assert c.get("/g/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.ray
+def test_trn_serve_command(service) -> None:
+    """/h was deployed by ``run_serve_command`` (``trn serve --no-blocking``) from configs/serve.yaml + --set."""
+    assert service["cli_rc"] == 0
+    h = service["client"].get("/h/healthz").json()
+    assert h["downstream"] == "http" and h["max_batch_size"] == 32  # the YAML's value, not overridden
+
+
+# ---------------------------------------------------------------------------------------------------- config (no Ray)
+def test_builder_args_and_config_errors(ckpts, tmp_path) -> None:
+    r = ckpts["restorer"]
+    # serve run passes strings: read as YAML, dotted keys reach sections
+    a = app_args_from_mapping({"restorer": r, "max_batch_size": "8", "downstream.kind": "none", "resize": "resize"})
+    assert a.max_batch_size == 8 and a.downstream.kind == "none" and a.resize == "resize"
+    assert build_app({"restorer": r, "downstream.kind": "none"}) is not None
+    with pytest.raises(ConfigError, match="unknown option"):
+        app_args_from_mapping({"restorer": r, "max_batchsize": 8})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        app_args_from_mapping({"restorer": r, "max_batch_size": 0})
+    with pytest.raises(ConfigError, match="batches could never fill"):
+        app_args_from_mapping({"restorer": r, "max_batch_size": 16, "max_ongoing_requests": 4})
+    with pytest.raises(ConfigError, match="resize"):
+        app_args_from_mapping({"restorer": r, "resize": "stretch"})
+    with pytest.raises(ConfigError, match="downstream.url is required"):
+        app_args_from_mapping({"restorer": r, "downstream": {"kind": "http"}})
+    with pytest.raises(ConfigError, match="downstream.path is required"):
+        app_args_from_mapping({"restorer": r, "downstream": {"kind": "export"}})
+    with pytest.raises(ConfigError, match="min_replicas"):
+        app_args_from_mapping({"restorer": r, "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match="file not found"):
+        build_app({"restorer": str(tmp_path / "missing")})
+    with pytest.raises(CheckpointError, match="not a restorer"):
+        build_app({"restorer": ckpts["classifier"]})
+    with pytest.raises(ConfigError, match="class"):
+        build_app({"restorer": r, "downstream": {"kind": "checkpoint", "path": ckpts["classifier"],
+                                                 "class_names": ["a", "b"]}})
+    with pytest.raises(ConfigError, match="port"):
+        load_serve_config(None, ["port=70000"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        run_serve_command(argparse.Namespace(config=None, set=["app.nope=1"], address=None, blocking=False))
+
+
+def test_shipped_config_files() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_serve_config(REPO / "configs" / "serve.yaml", ["app.max_batch_size=16"])
+    assert cfg.app.max_batch_size == 16 and cfg.app.resize == "reject" and cfg.host == "127.0.0.1"
+    deploy = yaml.safe_load((REPO / "configs" / "serve_deploy.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(deploy)
+    (app,) = schema.applications
+    assert app.import_path == "workers.serve:build_app"
+    assert app_args_from_mapping(app.args).autoscaling.max_replicas == 4
+    docs = list(yaml.safe_load_all((REPO / "configs" / "kuberay-rayservice.yaml").read_text()))
+    svc = next(d for d in docs if d and d.get("kind") == "RayService")
+    v2 = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    for a in v2.applications:
+        assert a.import_path == "workers.serve:build_app"
+        app_args_from_mapping(a.args)
+
+
+def test_downstream_loaders(ckpts, tmp_path) -> None:
+    """TorchScript and torch.export programs load and classify; a fixed-batch export falls back to one at a time."""
+    clf = ckpts["clf"]
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    expected = torch.softmax(clf(x), 1).detach().numpy()
+    with pytest.warns(DeprecationWarning):
+        torch.jit.save(torch.jit.trace(clf, x), str(tmp_path / "clf.ts"))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(clf, (x,), dynamic_shapes=({0: batch},)), str(tmp_path / "clf.pt2"))
+    torch.export.save(torch.export.export(clf, (x[:1],)), str(tmp_path / "clf_fixed.pt2"))
+    for kind, name in [("torchscript", "clf.ts"), ("export", "clf.pt2"), ("export", "clf_fixed.pt2"),
+                       ("checkpoint", ckpts["classifier"])]:
+        ds = DownstreamArgs(kind=kind, path=str(tmp_path / name))
+        assert isinstance(load_downstream_model(ds)[0], torch.nn.Module)
+        replica = DownstreamClassifier.func_or_class(ds)  # the deployment's class, without Ray
+        out = np.stack(replica._forward(list(x.numpy())))
+        np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=f"{kind} {name}")
+        assert replica.per_item == (name == "clf_fixed.pt2")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_downstream_model(DownstreamArgs(kind="torchscript", path=str(tmp_path / "nope.ts")))
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_downstream_model(DownstreamArgs(kind="export", path=str(tmp_path / "junk.pt2")))

@@ -1,0 +1,568 @@
+"""The defence table: TRN against (and stacked with) related defences, ``trn eval-defenses --config ...``.
+
+Rows are defences and stacks built from config (:func:`~trn.defenses.stack.build_defense_stack`: input transforms ->
+TRN -> classifier wrappers), optionally around another classifier checkpoint (the GFA and adversarially trained
+guards). Columns, all at one Linf budget ``eps``:
+
+* **clean** and **gray-box** FGSM / PGD-40 / CW-L2 on ``n`` seeded test images. Gray-box images are crafted once on
+  the undefended guard (the attacker does not know about the defence) and shared by every row; for rows with their
+  own classifier (GFA, adversarial training) they are therefore transfer attacks. Cached on disk like
+  :mod:`trn.evaluate` does (same cache keys, so the two evaluations can share one cache).
+* **white-box** PGD through the whole defended model on ``n_adaptive`` of those images, in up to three variants:
+  ``naive`` (autograd through everything as built: what a careless evaluation reports; run only where it differs),
+  ``e2e`` (autograd through every differentiable part -- the TRN including its gradient-map estimation --, BPDA where
+  the gradient is shattered or zero: bit depth, GCM; EOT over ``eot_samples`` draws where the output is random: UniG)
+  and ``bpda`` (the whole input side treated as the identity in the backward pass). **adaptive** is the per-image
+  worst case over the variants run: an image counts as robust only if every attack failed on it.
+* **Square**: the score-based black-box attack (logits only, ``square_queries`` queries) on ``n_square`` of the
+  white-box images; it needs no gradient, so gradient masking does not stop it.
+
+Outputs in ``out_dir``: ``report.md``, ``report.json``, ``accuracy_vs_eps.png`` (gray-box PGD vs eps, adaptive points
+at ``eps``) and ``state.json`` (finished cells, reused on a re-run with the same settings when ``resume`` is on).
+Warnings in the report flag the signatures of gradient masking (naive >> adaptive, Square < white-box).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trn.attacks import PGD, Square
+from trn.checkpoint import checkpoint_paths
+from trn.classifiers import load_classifier
+from trn.config import from_dict, to_dict
+from trn.data import load_dataset
+from trn.defenses.base import bpda_policy
+from trn.defenses.stack import DefenseStack, build_defense_stack, parse_defense_spec
+from trn.errors import ConfigError
+from trn.evaluate import ATTACK_LABELS, _accuracy, _digest, _gray_box, make_attack
+from trn.utils import batches, pick_device, seed_everything
+
+__all__ = [
+    "DefenseEvalConfig",
+    "DefenseReport",
+    "DefenseRow",
+    "build_rows",
+    "plot_defenses",
+    "render_defense_markdown",
+    "run_defense_evaluation",
+    "whitebox_correct",
+]
+log = logging.getLogger(__name__)
+
+VARIANTS = ("naive", "e2e", "bpda")
+_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "bpda": "all"}
+
+
+@dataclass(frozen=True)
+class DefenseRow:
+    name: str                                           # row label in the table (unique)
+    defenses: list[Any] = field(default_factory=list)  # build_defense_stack spec; [] = the bare classifier
+    classifier: str | None = None                       # classifier checkpoint; None: the config's guard
+
+
+def _default_rows() -> list[DefenseRow]:
+    return [
+        DefenseRow("no defence"),
+        DefenseRow("TRN", ["trn"]),
+        DefenseRow("JPEG (q=50)", [{"name": "jpeg", "quality": 50}]),
+        DefenseRow("bit depth (3 bits)", [{"name": "bit_depth", "bits": 3}]),
+        DefenseRow("median 3x3", [{"name": "median", "kernel_size": 3}]),
+        DefenseRow("Gaussian blur", [{"name": "gaussian_blur", "kernel_size": 3, "sigma": 1.0}]),
+        DefenseRow("GCM", ["gcm"]),
+        DefenseRow("UniG", ["unig"]),
+        DefenseRow("GFA-trained guard (FIRST)", [], "checkpoints/fmnist_guard_gfa"),
+        DefenseRow("PGD adversarial training", [], "checkpoints/fmnist_guard_advtrain"),
+        DefenseRow("JPEG -> TRN", [{"name": "jpeg", "quality": 50}, "trn"]),
+        DefenseRow("TRN -> UniG", ["trn", "unig"]),
+    ]
+
+
+@dataclass(frozen=True)
+class DefenseEvalConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    guard: str = "checkpoints/fmnist_guard"      # the undefended classifier; gray-box attacks are crafted on it
+    restorer: str = "checkpoints/trn_fmnist"     # the TRN of 'trn' entries that name no checkpoint
+    rows: list[DefenseRow] = field(default_factory=_default_rows)
+    skip_missing: bool = True                    # skip (and list) rows whose checkpoint does not exist yet
+    n: int = 1000                                # seeded test subset: clean and gray-box columns, eps sweep
+    n_adaptive: int = 200                        # white-box columns: a seeded subset of those n
+    n_square: int = 100                          # Square column: a seeded subset of the n_adaptive images
+    seed: int = 0
+    eps: float = 0.1                             # Linf budget of every column
+    eps_sweep: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])  # gray-box PGD-40, for the plot
+    gray_box: list[str] = field(default_factory=lambda: ["fgsm", "pgd", "cw"])  # trn.evaluate.make_attack names
+    l2_per_linf: float = 15.0                    # CW-L2 budget = l2_per_linf * eps (as in trn.evaluate)
+    adaptive_steps: int = 40                     # PGD steps of the white-box attacks
+    adaptive_alpha: float | None = None          # PGD step; None: 2.5 * eps / steps
+    eot_samples: int = 8                         # EOT draws per gradient for randomised rows (UniG)
+    naive: bool = True                           # also run the naive white-box attack where it differs
+    square_queries: int = 1000                   # Square query budget per image
+    square_p_init: float = 0.3                   # Square's initial square size (fraction of pixels); ours for 28x28
+    batch_size: int = 250                        # also the batch UniG unifies over
+    device: str = "auto"
+    out_dir: str = "runs/eval_defenses_fmnist"
+    cache: bool = True                           # reuse gray-box adversarial images (keyed by guard + attack)
+    cache_dir: str | None = None                 # None: out_dir/cache
+    resume: bool = True                          # reuse finished cells from out_dir/state.json
+
+    def __post_init__(self) -> None:
+        for name in ("n", "n_adaptive", "n_square", "adaptive_steps", "eot_samples", "square_queries", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.n_square <= self.n_adaptive <= self.n:
+            raise ConfigError(f"need n_square <= n_adaptive <= n (nested subsets), got {self.n_square}, "
+                              f"{self.n_adaptive}, {self.n}")
+        if not 0 < self.eps <= 1 or any(not 0 < e <= 1 for e in self.eps_sweep):
+            raise ConfigError(f"eps and eps_sweep must lie in (0, 1], got {self.eps}, {self.eps_sweep}")
+        names = [r.name for r in self.rows]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"row names must be unique; repeated: {dup}")
+        if not self.rows:
+            raise ConfigError("rows is empty: nothing to evaluate")
+        for row in self.rows:  # spec errors surface when the config is read, naming the row
+            try:
+                parse_defense_spec(row.defenses)
+            except ConfigError as e:
+                raise ConfigError(f"row {row.name!r}: {e}") from e
+
+
+@dataclass
+class DefenseReport:
+    results: dict
+    markdown: str
+
+
+# ----------------------------------------------------------------------------------------------- rows
+@dataclass
+class _Row:
+    name: str
+    model: DefenseStack
+    fingerprint: dict   # what the cached cells of this row depend on
+
+
+class _Restorers:
+    """Load each TRN checkpoint once and share it between rows."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.loaded, self.digests = device, {}, {}
+
+    def get(self, path: str) -> nn.Module:
+        if path not in self.loaded:
+            from trn.restorer import Restorer  # lazy: only when a row uses the TRN
+
+            self.loaded[path] = Restorer.load(path, self.device)
+            self.digests[path] = _digest(path)
+        return self.loaded[path]
+
+
+def _exists(path: str) -> bool:
+    return all(p.is_file() for p in checkpoint_paths(path))
+
+
+def _row_spec(row: DefenseRow, default_restorer: str) -> tuple[list, list[str], bool]:
+    """(spec with every 'trn' entry naming its checkpoint, restorer paths used, uses UniG)."""
+    parsed = parse_defense_spec(row.defenses)  # raises a clear ConfigError on unknown names / parameters
+    spec, paths, unig = [], [], False
+    for name, params in parsed:
+        if name == "trn":
+            params = {"checkpoint": default_restorer, **params}
+            paths.append(str(params["checkpoint"]))
+        unig |= name == "unig"
+        spec.append({"name": name, **params})
+    return spec, paths, unig
+
+
+def build_rows(cfg: DefenseEvalConfig, guard: nn.Module, device: torch.device,
+               reference_images: Callable[[], torch.Tensor] | None = None) -> tuple[list[_Row], dict[str, str]]:
+    """Build every row's defended model; returns (rows, skipped row -> reason).
+
+    All specs are checked before anything is loaded, so a typo in the last row fails at once.
+
+    Raises:
+        ConfigError: a bad spec (message names the row), or a missing checkpoint when ``skip_missing`` is off.
+    """
+    checked = []
+    for row in cfg.rows:
+        if not isinstance(row.defenses, list):
+            raise ConfigError(f"row {row.name!r}: defenses must be a list, got {row.defenses!r}")
+        try:
+            checked.append((row, *_row_spec(row, cfg.restorer)))
+        except ConfigError as e:
+            raise ConfigError(f"row {row.name!r}: {e}") from e
+    restorers, rows, skipped = _Restorers(device), [], {}
+    for row, spec, trn_paths, uses_unig in checked:
+        missing = [p for p in [row.classifier, *trn_paths] if p is not None and not _exists(p)]
+        if missing:
+            msg = f"checkpoint(s) not found: {missing}"
+            if not cfg.skip_missing:
+                raise ConfigError(f"row {row.name!r}: {msg} (train it first, or set skip_missing: true)")
+            warnings.warn(f"skipping row {row.name!r}: {msg}", stacklevel=2)
+            skipped[row.name] = msg
+            continue
+        classifier, clf_digest = guard, _digest(cfg.guard)
+        if row.classifier is not None:
+            classifier, _ = load_classifier(row.classifier, device)
+            clf_digest = _digest(row.classifier)
+            for p in classifier.parameters():
+                p.requires_grad_(False)
+        for entry in spec:
+            if entry["name"] == "unig":
+                if "reference_images" not in entry and "reference_dataset" not in entry and reference_images:
+                    entry["reference_images"] = reference_images()
+                entry.setdefault("seed", cfg.seed)
+        build_spec = [{k: v for k, v in e.items() if not (e["name"] == "trn" and k == "checkpoint")} for e in spec]
+        trn = [restorers.get(p) for p in trn_paths]
+        try:
+            if len(set(trn_paths)) > 1:
+                raise ConfigError("one row can use one TRN checkpoint")
+            model = build_defense_stack(build_spec, classifier, restorer=trn[0] if trn else None)
+        except ConfigError as e:
+            raise ConfigError(f"row {row.name!r}: {e}") from e
+        json_spec = [{k: v for k, v in e.items() if not isinstance(v, torch.Tensor)} for e in spec]
+        fingerprint = {"spec": json_spec, "classifier": clf_digest,
+                       "restorers": [restorers.digests[p] for p in trn_paths]}
+        rows.append(_Row(row.name, model.eval(), fingerprint))
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------- attacks
+class _AttackView(nn.Module):
+    """What the white-box attacker differentiates: the defended model's logits, EOT-averaged when random."""
+
+    def __init__(self, model: DefenseStack, samples: int) -> None:
+        super().__init__()
+        self.model, self.samples = model, samples
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.expected_logits(x, self.samples)
+
+
+def _variants(model: DefenseStack, naive: bool) -> list[str]:
+    """The white-box variants that differ for this model (``e2e`` always)."""
+    out = []
+    if naive and (not model.differentiable or model.randomized):
+        out.append("naive")
+    out.append("e2e")
+    stages = model.preprocessor.stages
+    if any(getattr(s, "differentiable", True) for s in stages):  # BPDA on the whole input side differs from e2e
+        out.append("bpda")
+    return out
+
+
+def whitebox_correct(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, variant: str, eps: float,
+                     steps: int = 40, alpha: float | None = None, eot_samples: int = 8, batch_size: int = 250,
+                     seed: int = 0, device: torch.device | str = "cpu", desc: str = "") -> torch.Tensor:
+    """Per-image correctness of ``model`` under a white-box PGD variant (``naive``, ``e2e`` or ``bpda``).
+
+    The attack differentiates the model with the variant's BPDA policy (and EOT for ``e2e``/``bpda`` when the model
+    is random); the returned correctness is that of the real defended model on the adversarial images.
+
+    Returns:
+        (N,) bool tensor on the CPU.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown white-box variant {variant!r}; choose from {list(VARIANTS)}")
+    atk = PGD(eps=eps, steps=steps, alpha=alpha, seed=seed)
+    view = _AttackView(model, eot_samples if variant != "naive" and model.randomized else 1)
+    out = []
+    for s in tqdm(list(batches(len(x), batch_size)), desc=desc or f"white-box {variant}", leave=False):
+        xb, yb = x[s].to(device), y[s].to(device)
+        with bpda_policy(model, _POLICY[variant]):
+            x_adv = atk(view, xb, yb)
+        with torch.no_grad():
+            out.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def _square(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, cfg: DefenseEvalConfig, device: torch.device,
+            desc: str) -> dict:
+    atk = Square(eps=cfg.eps, queries=cfg.square_queries, p_init=cfg.square_p_init, seed=cfg.seed)
+    clean, correct, queries = [], [], []
+    for s in tqdm(list(batches(len(x), cfg.batch_size)), desc=desc, leave=False):
+        xb, yb = x[s].to(device), y[s].to(device)
+        with torch.no_grad():
+            clean.append((model(xb).argmax(1) == yb).cpu())
+        x_adv = atk(model, xb, yb)
+        queries.append(atk.last_queries)
+        with torch.no_grad():
+            correct.append((model(x_adv).argmax(1) == yb).cpu())
+    ok0, ok, q = torch.cat(clean), torch.cat(correct), torch.cat(queries).float()
+    broken = q[ok0 & ~ok]  # queries Square needed on the images it turned from right to wrong
+    return {"accuracy": ok.float().mean().item(), "correct": ok.tolist(),
+            "median_queries_success": broken.median().item() if len(broken) else None,
+            "mean_queries": q.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------- resumable cells
+class _Cells:
+    """Finished (row, column) results in ``state.json``, keyed by everything they depend on."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.done: dict[str, Any] = {}
+        if enabled and path.is_file():
+            try:
+                self.done = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("ignoring unreadable %s", path)
+
+    def get(self, key_parts: list, compute: Callable[[], Any]) -> Any:
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        if self.enabled and key in self.done:
+            return self.done[key]
+        value = compute()
+        self.done[key] = value
+        if self.enabled:
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.done))
+            tmp.replace(self.path)
+        return value
+
+
+def _subset_index(n: int, k: int, seed: int) -> torch.Tensor:
+    """Sorted seeded choice of k of range(n) (all, in order, when k >= n)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run_defense_evaluation(cfg: DefenseEvalConfig) -> DefenseReport:
+    """Evaluate every row x column; write report.md, report.json and accuracy_vs_eps.png to ``cfg.out_dir``."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(DefenseEvalConfig, cfg)
+    for name in cfg.gray_box:  # fail on an unknown attack before any work
+        make_attack(name, cfg.eps, cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    guard, _ = load_classifier(cfg.guard, device)
+    for p in guard.parameters():
+        p.requires_grad_(False)
+    test = load_dataset(cfg.dataset, cfg.data_dir, "test")
+    main = test.subset(cfg.n, cfg.seed)
+    idx_adv = _subset_index(len(main), cfg.n_adaptive, cfg.seed)
+    idx_sq_in_adv = _subset_index(len(idx_adv), cfg.n_square, cfg.seed + 1)
+    x_adv_set, y_adv_set = main.images[idx_adv], main.labels[idx_adv]
+    x_sq, y_sq = x_adv_set[idx_sq_in_adv], y_adv_set[idx_sq_in_adv]
+
+    loaded: list[torch.Tensor] = []
+
+    def references() -> torch.Tensor:  # training images that pad UniG's small batches, loaded on first use
+        if not loaded:
+            loaded.append(load_dataset(cfg.dataset, cfg.data_dir, "train").subset(16, cfg.seed).images.to(device))
+        return loaded[0]
+
+    rows, skipped = build_rows(cfg, guard, device, references)
+    cells = _Cells(out / "state.json", cfg.resume)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    tag = _digest(cfg.guard)
+
+    # gray-box images: crafted once on the undefended guard, shared by every row
+    gray: dict[str, torch.Tensor] = {"clean": main.images}
+    for name in cfg.gray_box:
+        gray[name] = _gray_box(guard, main.images, main.labels, name, cfg.eps, cfg, cache_dir, tag, device)
+    sweep_imgs = {e: (gray["pgd"] if e == cfg.eps and "pgd" in gray else
+                      _gray_box(guard, main.images, main.labels, "pgd", e, cfg, cache_dir, tag, device))
+                  for e in cfg.eps_sweep}
+
+    data = _EvalData(main.labels, gray, sweep_imgs, x_adv_set, y_adv_set, x_sq, y_sq, idx_sq_in_adv,
+                     {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "n": len(main), "seed": cfg.seed,
+                      "eps": cfg.eps, "batch_size": cfg.batch_size})
+    results: dict = {"config": to_dict(cfg), "n": len(main), "n_adaptive": len(idx_adv), "n_square": len(x_sq),
+                     "eps": cfg.eps, "rows": {}, "skipped": skipped, "table": {}, "whitebox": {}, "square": {},
+                     "sweep": {str(e): {"pgd": {}} for e in cfg.eps_sweep}, "adaptive": {str(cfg.eps): {}},
+                     "notes": [], "seconds": {}}
+    for row in rows:
+        r = _evaluate_row(row, cfg, data, cells, device)
+        results["rows"][row.name] = r["info"]
+        results["table"][row.name] = r["table"]
+        results["whitebox"][row.name] = r["whitebox"]
+        results["square"][row.name] = r["square"]
+        results["adaptive"][str(cfg.eps)][row.name] = r["whitebox"]["adaptive"]
+        for e, acc in r["sweep"].items():
+            results["sweep"][str(e)]["pgd"][row.name] = acc
+        results["seconds"][row.name] = r["seconds"]
+        results["notes"] += r["notes"]
+        log.info("%s: %s (%.0f s)", row.name, {k: (round(v, 4) if v is not None else None)
+                                               for k, v in r["table"].items()}, sum(r["seconds"].values()))
+    results["total_seconds"] = round(time.time() - t_start, 1)
+    md = render_defense_markdown(results, cfg)
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    if rows:
+        plot_defenses(out / "accuracy_vs_eps.png", results)
+    return DefenseReport(results, md)
+
+
+@dataclass
+class _EvalData:
+    """The images every row is evaluated on (CPU tensors) and the settings all cells share."""
+
+    labels: torch.Tensor                      # (n,)
+    gray: dict[str, torch.Tensor]             # "clean" / attack name -> (n, C, H, W) gray-box images
+    sweep: dict[float, torch.Tensor]          # eps -> gray-box PGD images
+    x_adv: torch.Tensor                       # (n_adaptive, C, H, W) white-box subset
+    y_adv: torch.Tensor
+    x_sq: torch.Tensor                        # (n_square, C, H, W) Square subset (of the white-box subset)
+    y_sq: torch.Tensor
+    sq_in_adv: torch.Tensor                   # positions of the Square images in the white-box subset
+    common: dict                              # settings every cell key includes
+
+
+def _evaluate_row(row: _Row, cfg: DefenseEvalConfig, data: _EvalData, cells: _Cells, device: torch.device) -> dict:
+    """Every column of one row (finished cells come from ``cells``)."""
+    model, secs = row.model, {}
+
+    def cell(column: str, key: list, fn: Callable[[], Any]) -> Any:
+        t0 = time.time()
+        value = cells.get([row.fingerprint, column, data.common, *key], fn)
+        secs[column] = round(time.time() - t0, 1)
+        return value
+
+    def accuracy(imgs: torch.Tensor) -> Callable[[], float]:
+        return lambda: _accuracy(model, imgs, data.labels, cfg.batch_size, device)
+
+    table: dict[str, float | None] = {}
+    for name, imgs in data.gray.items():
+        table[name] = cell(name, [make_attack(name, cfg.eps, cfg).params() if name != "clean" else None],
+                           accuracy(imgs))
+    sweep = {e: table["pgd"] if e == cfg.eps and "pgd" in table else
+             cell(f"sweep {e:g}", [make_attack("pgd", e, cfg).params()], accuracy(imgs))
+             for e, imgs in data.sweep.items()}
+
+    wb: dict[str, float | None] = {v: None for v in VARIANTS}
+    worst = torch.ones(len(data.y_adv), dtype=torch.bool)
+    for variant in _variants(model, cfg.naive):
+        def attack(variant: str = variant) -> list[bool]:
+            return whitebox_correct(model, data.x_adv, data.y_adv, variant, cfg.eps, cfg.adaptive_steps,
+                                    cfg.adaptive_alpha, cfg.eot_samples, cfg.batch_size, cfg.seed, device,
+                                    f"{row.name}: white-box {variant}").tolist()
+
+        settings = [variant, cfg.adaptive_steps, cfg.adaptive_alpha, cfg.eot_samples, len(data.y_adv)]
+        mask = torch.tensor(cell(f"white-box {variant}", settings, attack), dtype=torch.bool)
+        wb[variant] = mask.float().mean().item()
+        worst &= mask
+    wb["adaptive"] = worst.float().mean().item()
+    if wb["naive"] is None:
+        wb["naive"] = wb["e2e"]  # the naive attack is the end-to-end one for a differentiable, deterministic model
+
+    sq = cell("square", [cfg.square_queries, cfg.square_p_init, len(data.y_sq)],
+              lambda: _square(model, data.x_sq, data.y_sq, cfg, device, f"{row.name}: Square"))
+    adaptive_on_sq = worst[data.sq_in_adv].float().mean().item()
+    table.update({"whitebox_naive": wb["naive"], "adaptive": wb["adaptive"], "square": sq["accuracy"]})
+    square = {k: v for k, v in sq.items() if k != "correct"}
+    square["adaptive_on_same_images"] = adaptive_on_sq
+    info = {"description": model.describe(), "randomized": model.randomized, "differentiable": model.differentiable}
+    return {"info": info, "table": table, "sweep": sweep, "whitebox": wb, "square": square, "seconds": secs,
+            "notes": _flags(row.name, wb, sq["accuracy"], adaptive_on_sq)}
+
+
+def plot_defenses(path: str | Path, results: dict) -> Path:
+    """Gray-box PGD accuracy vs Linf eps per row (lines), adaptive white-box accuracy at ``eps`` (crosses).
+
+    Like :func:`trn.plots.plot_accuracy_vs_eps`, with the legend outside the axes and 20 distinct colours, so a
+    dozen rows stay readable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results["sweep"]
+    eps_list = sorted(sweep, key=float)
+    names = list(sweep[eps_list[0]]["pgd"])
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
+    for k, name in enumerate(names):
+        c = colours[k % len(colours)]
+        ax.plot([float(e) for e in eps_list], [100 * sweep[e]["pgd"][name] for e in eps_list], marker="o", ms=4,
+                color=c, label=name)
+        for e, per in results.get("adaptive", {}).items():
+            if per.get(name) is not None:
+                ax.scatter([float(e)], [100 * per[name]], marker="x", s=60, color=c)
+    ax.scatter([], [], marker="x", color="k", label="adaptive white-box (x)")
+    ax.set_xlabel("Linf eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("gray-box PGD-40 (lines) and adaptive white-box (x)", fontsize=10)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _flags(name: str, wb: dict, square: float, adaptive_on_sq: float, margin: float = 0.05) -> list[str]:
+    """Signatures of gradient masking (RobustBench / Athalye et al. style sanity checks)."""
+    notes = []
+    if wb["naive"] is not None and wb["naive"] - wb["adaptive"] > margin:
+        notes.append(f"{name}: the naive white-box attack overstates robustness by "
+                     f"{100 * (wb['naive'] - wb['adaptive']):.1f} points; its gradients are masked (BPDA/EOT needed)")
+    if square < adaptive_on_sq - margin:
+        notes.append(f"{name}: the gradient-free Square attack beats the best white-box attack on the same images "
+                     f"({100 * square:.1f}% vs {100 * adaptive_on_sq:.1f}%): gradient masking suspected")
+    return notes
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def render_defense_markdown(results: dict, cfg: DefenseEvalConfig) -> str:
+    """The defence table, the white-box detail table, notes and skipped rows."""
+    gray = ["clean", *cfg.gray_box]
+    l2 = cfg.l2_per_linf * cfg.eps
+    head = [ATTACK_LABELS.get(a, a) for a in gray]
+    head += ["white-box (naive)", "adaptive white-box", f"Square ({cfg.square_queries} q)"]
+    lines = [
+        f"### Defences, Linf eps = {cfg.eps} (accuracy %)",
+        "",
+        (f"Clean and gray-box columns: {results['n']} seeded test images; gray-box attacks are crafted on the "
+         f"undefended guard and transferred to every row (CW-L2 budget {l2:g}). White-box: PGD-{cfg.adaptive_steps} "
+         f"through the whole defended model on {results['n_adaptive']} of them; adaptive = per-image worst case over "
+         f"end-to-end (BPDA for shattered/zero gradients, EOT over {cfg.eot_samples} draws for random outputs), "
+         f"BPDA through the whole input side, and the naive attack. Square: score-based black-box on "
+         f"{results['n_square']} of the white-box images (median queries over the images it turned from right to "
+         f"wrong)."),
+        "",
+        "| defence | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ]
+    cols = [*gray, "whitebox_naive", "adaptive", "square"]
+    for name, t in results["table"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(t.get(c)) for c in cols) + " |")
+    lines += ["", f"#### White-box detail ({results['n_adaptive']} images) and Square queries", "",
+              ("| defence | pipeline | naive | end-to-end | BPDA (input side) | adaptive | Square | "
+               "Square median queries |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, wb in results["whitebox"].items():
+        sq = results["square"][name]
+        mq = sq["median_queries_success"]
+        lines.append(f"| {name} | {results['rows'][name]['description']} | {_pct(wb['naive'])} | {_pct(wb['e2e'])} | "
+                     f"{_pct(wb['bpda'])} | {_pct(wb['adaptive'])} | {_pct(sq['accuracy'])} | "
+                     f"{'n/a' if mq is None else f'{mq:.0f}'} |")
+    if results["notes"]:
+        lines += ["", "**Warnings**", ""] + [f"- {n}" for n in results["notes"]]
+    if results["skipped"]:
+        lines += ["", "**Skipped rows**", ""] + [f"- {n}: {why}" for n, why in results["skipped"].items()]
+    lines += ["", f"Total time: {results.get('total_seconds', 0):.0f} s.", ""]
+    return "\n".join(lines)

@@ -44,7 +44,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> EvalConfig:
     _restorer(tmp / "guard", True, 0).save(tmp / "trn")
     _restorer(tmp / "guard", False, 1).save(tmp / "trn_one")
     return EvalConfig(dataset="npz", data_dir=str(data), guard=str(tmp / "guard"), restorer=str(tmp / "trn"),
-                      onestream=str(tmp / "trn_one"), n_main=None, n_subset=8, eps_main=0.1, eps_sweep=[0.05, 0.1],
+                      ablations={"TRN one-stream (ablation)": str(tmp / "trn_one")}, estimator_ablation=["argmax"],
+                      n_main=None, n_subset=8, eps_main=0.1, eps_sweep=[0.05, 0.1],
                       attacks=["fgsm", "pgd", "deepfool"], adaptive_steps=2, adaptive_eps=[0.1], batch_size=5,
                       device="cpu", out_dir=str(tmp / "report"))
 
@@ -76,16 +77,19 @@ def test_both_threat_models_are_reported(cfg: EvalConfig, report) -> None:
     assert res["gray_box"]["clean"]["no defence"] == 1.0  # labels are the guard's own predictions
     assert res["gray_box"]["pgd"]["no defence"] < 1.0
     assert set(res["sweep"]) == {"0.05", "0.1"} and set(res["sweep"]["0.1"]) == {"fgsm", "pgd", "deepfool"}
-    # adaptive white-box (end to end, through create_graph) and BPDA, for TRN and the one-stream ablation
-    for kind in ("adaptive", "bpda"):
-        assert set(res[kind]) == {"0.1"}
-        assert {"TRN", "TRN one-stream (ablation)"} <= set(res[kind]["0.1"])
-        assert all(0.0 <= res[kind]["0.1"][n] <= 1.0 for n in ("TRN", "TRN one-stream (ablation)"))
-        assert res[kind]["0.1"]["no defence"] == res["sweep"]["0.1"]["pgd"]["no defence"]
+    # adaptive white-box: each variant and the per-image worst case, for TRN and the one-stream ablation
+    assert set(res["adaptive"]) == {"0.1"}
+    ada = res["adaptive"]["0.1"]
+    assert ada["no defence"] == res["sweep"]["0.1"]["pgd"]["no defence"]
+    assert set(ada["TRN"]) == {"e2e", "gconst", "bpda", "worst"}
+    assert set(ada["TRN one-stream (ablation)"]) == {"e2e", "bpda", "worst"}  # no map to hold constant
+    for v in (ada["TRN"], ada["TRN one-stream (ablation)"]):
+        assert all(0.0 <= a <= 1.0 for a in v.values())
+        assert v["worst"] <= min(a for k, a in v.items() if k != "worst")  # the worst case is per image
     md = report.markdown
     assert "### Gray-box (attacker targets the guard), Linf eps = 0.1, 12 test images" in md
     assert "### Adaptive white-box, Linf eps = 0.1, PGD-2, 8 test images" in md
-    assert "| defence | gray-box PGD-40 | adaptive (end-to-end) | BPDA |" in md
+    assert "| defence | gray-box PGD-40 | end-to-end | map held constant | BPDA | **worst case** |" in md
     assert "### Gray-box eps sweep" in md and "| TRN one-stream (ablation) |" in md
     assert "CW-L2 and DeepFool use an L2 budget of 1.5" in md
 
@@ -117,3 +121,5 @@ def test_bpda_is_identity_backward() -> None:
 def test_shipped_eval_config_loads() -> None:
     c = load_config(EvalConfig, ROOT / "configs" / "eval_fmnist.yaml")
     assert c.guard == "checkpoints/fmnist_guard" and c.restorer == "checkpoints/trn_fmnist" and c.eps_main == 0.1
+    for path in (c.restorer, *c.ablations.values()):  # every row's checkpoint is shipped
+        assert (ROOT / (path + ".safetensors")).is_file(), path

@@ -83,6 +83,26 @@ def test_topk_is_the_renormalised_mixture(model: TinyNet, x: torch.Tensor, k: in
     torch.testing.assert_close(g, _reference(model, x, w))
 
 
+def test_at_a_decision_boundary_argmax_points_across_and_topk_cancels() -> None:
+    """What the top-k map loses (docs/design.md): logits z = (Wx)_j with classes 0 and 1 tied, the rest far below.
+
+    argmax's logit gradient is softmax - onehot(0) = (-1/2, 1/2, 0, ...): the map is (w_1 - w_0) / 2, the direction
+    across the boundary. top-k's is softmax - renormalised top-k probabilities, which is ~0 there.
+    """
+    w = torch.zeros(K, C * H * W)
+    w[0, 0], w[1, 1] = 1.0, 1.0
+    w[2:, 2] = -20.0
+    head = nn.Sequential(nn.Flatten(), nn.Linear(C * H * W, K, bias=False))
+    with torch.no_grad():
+        head[1].weight.copy_(w)
+    x = torch.zeros(1, C, H, W)
+    x.view(-1)[:3] = torch.tensor([0.5, 0.5, 1.0])  # z = (0.5, 0.5, -20, -20, -20): 0 and 1 tied, the rest ~0 mass
+    g_arg = estimate_gradient_map(x, head, mode="argmax", scale="none").view(-1)
+    g_top = estimate_gradient_map(x, head, mode="topk", k=3, scale="none").view(-1)
+    assert g_arg[0].item() == pytest.approx(-0.5, abs=1e-4) and g_arg[1].item() == pytest.approx(0.5, abs=1e-4)
+    assert g_top.abs().max().item() < 1e-6 < g_arg.abs().max().item()
+
+
 def test_topk_edge_cases(model: TinyNet, x: torch.Tensor) -> None:
     argmax = estimate_gradient_map(x, model, mode="argmax", scale="none")
     torch.testing.assert_close(estimate_gradient_map(x, model, mode="topk", k=1, scale="none"), argmax)
@@ -242,7 +262,7 @@ def test_bad_settings(model: TinyNet, x: torch.Tensor) -> None:
         GradientMapEstimator(scale="rms")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="top-k"):
         GradientMapEstimator(k=0)
-    assert MODES == ("argmax", "topk", "oracle")
+    assert MODES == ("argmax", "topk", "oracle", "dual")
 
 
 def test_bad_images(model: TinyNet, x: torch.Tensor) -> None:
@@ -269,3 +289,30 @@ def test_bad_oracle_labels(model: TinyNet, x: torch.Tensor) -> None:
         estimate_gradient_map(x, model, mode="oracle", y=torch.zeros(N))
     with pytest.raises(InputError, match=r"y must lie in \[0, 4\]"):
         estimate_gradient_map(x, model, mode="oracle", y=torch.full((N,), K))
+
+
+def test_dual_stacks_the_topk_and_argmax_maps(model: TinyNet, x: torch.Tensor) -> None:
+    for scale in ("std", "none"):
+        g = estimate_gradient_map(x, model, mode="dual", k=3, scale=scale)
+        assert g.shape == (N, 2 * C, H, W)
+        torch.testing.assert_close(g[:, :C], estimate_gradient_map(x, model, mode="topk", k=3, scale=scale))
+        torch.testing.assert_close(g[:, C:], estimate_gradient_map(x, model, mode="argmax", scale=scale))
+    assert estimate_gradient_map(x[:0], model, mode="dual").shape == (0, 2 * C, H, W)
+
+
+def test_dual_create_graph_is_both_maps_create_graph(model: TinyNet, x: torch.Tensor) -> None:
+    xg = x.clone().requires_grad_(True)
+    g = estimate_gradient_map(xg, model, mode="dual", create_graph=True)
+    (h,) = torch.autograd.grad((g * x).sum(), xg)
+    parts = [estimate_gradient_map(xg, model, mode=m, create_graph=True) for m in ("topk", "argmax")]
+    (h_ref,) = torch.autograd.grad(sum((p * x).sum() for p in parts), xg)
+    torch.testing.assert_close(h, h_ref)
+    assert h.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_map_channels() -> None:
+    from trn.gradients import map_channels
+
+    assert [map_channels(m, 3) for m in ("argmax", "topk", "oracle", "dual")] == [3, 3, 3, 6]
+    with pytest.raises(ConfigError, match="unknown gradient-map mode 'soft'"):
+        map_channels("soft", 1)

@@ -141,8 +141,22 @@ def test_shape_errors() -> None:
         net(*_inputs(2, 3, 28, 28))
     with pytest.raises(ShapeError, match=r"TRN expects \(B, 1, H, W\)"):
         net(x[0], g[0])
-    with pytest.raises(ShapeError, match="gradient map must match the image shape"):
+    with pytest.raises(ShapeError, match=r"gradient map must have shape \(2, 1, 28, 28\)"):
         net(x, None)
-    with pytest.raises(ShapeError, match="gradient map must match"):
+    with pytest.raises(ShapeError, match="gradient map must have shape"):
         net(x, g[:1])
     assert create_trn("trn_tiny")(*_inputs(1, 1, 10, 6)).shape == (1, 1, 10, 6)  # levels 2: divisible by 2 is enough
+
+
+def test_gradient_stream_with_more_channels_than_the_image() -> None:
+    net = _randomise_head(create_trn("trn_tiny", grad_channels=2)).eval()
+    assert net.map_channels == 2 and net.grad_stream[0][0].in_channels == 2
+    x, _ = _inputs(2, 1, 8, 8)
+    g = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out, out2 = net(x, g), net(x, torch.cat([g[:, :1], -g[:, 1:]], 1))
+    assert out.shape == (2, 1, 8, 8) and not torch.equal(out, out2)  # the second map channel is read
+    with pytest.raises(ShapeError, match=r"gradient map must have shape \(2, 2, 8, 8\)"):
+        net(x, g[:, :1])
+    with pytest.raises(ConfigError, match="bad TRN config"):
+        create_trn("trn_tiny", grad_channels=-1)

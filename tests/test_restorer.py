@@ -249,3 +249,19 @@ def test_shipped_restorer_restores_guard_accuracy_under_pgd() -> None:
     assert adv < 0.1, summary
     assert restored_adv >= 0.6 and restored_adv >= adv + 0.5, summary
     assert restored_clean >= clean - 0.06, summary
+
+
+def test_dual_estimator_restorer_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
+    r = _trained_looking(Restorer.build((1, S, S), num_classes=4, arch="trn_tiny", seed=0, mode="dual"))
+    assert r.net.map_channels == 2 and r.gradient_map(x).shape == (len(x), 2, S, S)
+    r.save(tmp_path / "dual")
+    back = Restorer.load(tmp_path / "dual")
+    assert back.estimator.mode == "dual" and back.net.map_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), r(x))
+
+
+def test_estimator_must_match_the_gradient_stream() -> None:
+    guard = create_classifier("small_cnn", in_channels=1, num_classes=4, image_size=S)
+    with pytest.raises(ConfigError, match="'dual' estimator gives 2-channel maps but the network's gradient stream reads 1"):
+        Restorer(create_trn("trn_tiny"), guard, GradientMapEstimator("dual"))

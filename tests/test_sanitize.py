@@ -21,6 +21,7 @@ from PIL import Image
 
 from trn.cli import main
 from trn.data import ImageDataset, load_npz, save_npz
+from trn.defenses.stack import build_defense_stack
 from trn.errors import ConfigError, InputError
 from trn.imageio import decode_image
 from trn.restorer import Restorer
@@ -31,6 +32,7 @@ from workers.sanitize import (
     SanitizeConfig,
     SanitizeError,
     _account,
+    _check_spec,
     _Plan,
     _png_names,
     detect_input,
@@ -143,6 +145,45 @@ def test_cli_bad_checkpoint_is_a_clear_error(labelled_npz: Path, tmp_path: Path,
     rc = main(["sanitize", str(labelled_npz), str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none")])
     assert rc == 2
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_cli_bad_defence_spec_is_a_clear_error_before_ray(labelled_npz: Path, tmp_path: Path, checkpoint: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the job reached Ray with a bad defence spec")
+
+    monkeypatch.setattr("workers.sanitize._run", no_ray)
+    stack_file = tmp_path / "stack.yaml"
+    stack_file.write_text("- {name: trn, checkpoint: no/such/ckpt}\n")
+    cases = {
+        "[{name: jpg}]": "unknown defence 'jpg'",
+        "[gcm, trn]": "comes after the classifier wrapper 'gcm'",
+        "[{name: bit_depth, bitz: 4}]": "unknown parameter(s) ['bitz']",
+        "[{name: bit_depth, bits: 99}]": "bits must be an integer in [1, 16], got 99",  # a value: caught by building
+        "[{name: jpeg, quality: 50}": "not valid YAML",
+        "stack.yml": "neither an existing file nor an inline list",
+        str(stack_file): "checkpoint file not found",
+    }
+    for spec, message in cases.items():
+        out = tmp_path / "out"
+        rc = main(["sanitize", str(labelled_npz), str(out), "--checkpoint", str(checkpoint), "--defenses", spec])
+        err = capsys.readouterr().err
+        assert rc == 2, spec
+        assert "--defenses" in err and message in err, (spec, err)
+        assert not out.exists()  # nothing written
+    with pytest.raises(ConfigError, match="plain data"):  # a tensor would be pickled to the actors: refused
+        SanitizeConfig("in", "out", defenses=[{"name": "unig", "reference_images": torch.zeros(1, 1, 28, 28)}])
+
+
+def test_resume_check_includes_the_defence_stack(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = {"input": "/data/x.npz", "kind": "npz", "checkpoint": "/c.safetensors"}
+    (out / SPEC_NAME).write_text(json.dumps(job))  # written before --defenses existed: the stack was [trn]
+    _check_spec(out, {**job, "defenses": [{"name": "trn"}]})
+    with pytest.raises(SanitizeError, match=r"different sanitize job \(defenses differ.*bit_depth"):
+        _check_spec(out, {**job, "defenses": [{"name": "bit_depth", "bits": 4}, {"name": "trn"}]})
 
 
 def test_config_checks() -> None:
@@ -326,3 +367,45 @@ def test_npz_job_reports_accuracy_and_resumes(ray_local, labelled_npz: Path, tmp
     assert report.accuracy_after == pytest.approx(expected_acc)
     assert torch.allclose(load_npz(out / "adv.npz").images, expected, atol=1e-5)
     assert len(read_manifest(out / MANIFEST_NAME)) == N_NPZ
+
+
+@pytest.mark.ray
+def test_npz_job_with_a_defence_stack(ray_local, labelled_npz: Path, tmp_path: Path, checkpoint: Path,
+                                      restorer: Restorer) -> None:
+    """bit depth -> TRN -> GCM: the images are the library's preprocessor output, pred_after the wrapped guard's;
+    the stack is recorded and part of what a rerun must match."""
+    spec = [{"name": "bit_depth", "bits": 4}, {"name": "trn"}, {"name": "gcm", "w": 30.0, "eps": 0.3}]
+    stack_file = tmp_path / "stack.yaml"
+    stack_file.write_text("defenses:\n  - {name: bit_depth, bits: 4}\n  - trn\n  - {name: gcm, w: 30.0, eps: 0.3}\n")
+    out = tmp_path / "clean"
+    report = sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint, workers=1, batch_size=16,
+                                     defenses=str(stack_file)))
+    assert (report.ok, report.errors, report.processed) == (N_NPZ, 0, N_NPZ)
+    assert report.defenses == "bit_depth(bits=4) -> trn -> gcm(w=30.0, eps=0.3) -> guard"
+    assert f"defences: {report.defenses}" in report.summary()
+    assert json.loads((out / SPEC_NAME).read_text())["defenses"] == spec
+
+    src = load_npz(labelled_npz)
+    stack = build_defense_stack(spec, restorer.guard, restorer=restorer)
+    with torch.no_grad():
+        expected = stack.preprocessor(src.images)
+        wrapped = stack.classifier(expected).argmax(1)
+        plain_after = restorer.guard(expected).argmax(1)
+    assert (expected - restorer.restore(src.images)).abs().max() > 1e-2  # the stack is not the restorer alone
+    assert (wrapped != plain_after).any()  # and GCM changes some predictions: pred_after can tell them apart
+    assert torch.allclose(load_npz(out / "adv.npz").images, expected, atol=1e-5)
+    rows = read_manifest(out / MANIFEST_NAME)
+    assert [rows[str(i)]["pred_after"] for i in range(N_NPZ)] == wrapped.tolist()
+    with torch.no_grad():
+        assert [rows[str(i)]["pred_before"] for i in range(N_NPZ)] == restorer.guard(src.images).argmax(1).tolist()
+
+    # the same stack spelled differently (aliases, inline) is the same job: nothing to redo, no actors started
+    same = sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint, workers=1,
+                                   defenses="[{name: bitdepth, bits: 4}, restorer, {name: gcm, w: 30.0, eps: 0.3}]"))
+    assert (same.processed, same.skipped, same.ok) == (0, N_NPZ, N_NPZ)
+    # another stack, or none (= [trn]), is another job: refused before Ray is used, nothing changed
+    before = (out / MANIFEST_NAME).read_bytes()
+    for other in ("[{name: bit_depth, bits: 5}, trn, {name: gcm, w: 30.0, eps: 0.3}]", None):
+        with pytest.raises(SanitizeError, match="defenses differ"):
+            sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint, workers=1, defenses=other))
+    assert (out / MANIFEST_NAME).read_bytes() == before

@@ -1,5 +1,6 @@
 """The Ray Serve application, over real HTTP on loopback: restore, classify (guard / composed deployment / external
-HTTP endpoint), healthz, OpenAPI, every bad-input case, config errors, and ``trn serve``.
+HTTP endpoint), a defence stack (``defenses``), healthz, OpenAPI, every bad-input case, config errors, and
+``trn serve``.
 
 One Ray instance and one Serve instance for the module (tiny untrained checkpoints built in tmp_path); the whole file
 runs in well under three minutes on two shared cores.
@@ -27,6 +28,7 @@ import yaml
 from PIL import Image
 
 from trn.classifiers import create_classifier, save_classifier
+from trn.defenses import GCMClassifier, build_defense_stack, build_preprocessor
 from trn.errors import CheckpointError, ConfigError
 from trn.imageio import decode_image
 from trn.restorer import Restorer
@@ -34,12 +36,16 @@ from trn.restorer import Restorer
 httpx = pytest.importorskip("httpx")
 serve = pytest.importorskip("ray.serve")
 
-from workers.serve import DownstreamClassifier, build_app, load_downstream_model, run_serve_command
+from workers.serve import DownstreamClassifier, _build_defenses, build_app, load_downstream_model, run_serve_command
 from workers.serve_config import DownstreamArgs, app_args_from_mapping, load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 SMALL = {"num_cpus": 0.25, "health_check_period_s": 2.0}  # four apps share a 4-logical-CPU test Ray
+# The /c app's defence stack: input side bit depth -> TRN, then GCM (strong enough to move the probabilities) around
+# its downstream classifier deployment.
+STACK = [{"name": "bit_depth", "bits": 4}, "trn", {"name": "gcm", "w": 30.0, "eps": 0.3}]
+STACK_DESCRIBED = "bit_depth(bits=4) -> trn -> gcm(w=30.0, eps=0.3) -> classifier"
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -149,8 +155,9 @@ def _start_ray(ray, attempts: int = 3) -> None:
 
 @pytest.fixture(scope="module")
 def service(ckpts, http_downstream):
-    """Serve on 127.0.0.1:<free port> with three apps: /g (guard), /c (composed classifier deployment), and /h
-    (external HTTP classifier, resize + convert policies) deployed through ``trn serve``'s code path."""
+    """Serve on 127.0.0.1:<free port> with three apps: /g (guard), /c (composed classifier deployment, behind the
+    defence stack STACK), and /h (external HTTP classifier, resize + convert policies) deployed through ``trn serve``'s
+    code path."""
     import ray
     from ray.serve.api import RunTarget
 
@@ -160,8 +167,9 @@ def service(ckpts, http_downstream):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = {"restorer": ckpts["restorer"], "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **SMALL}
         guard = build_app({**base, "max_body_bytes": 64 * 1024, "max_pixels": 512 * 512})
-        composed = build_app({**base, "downstream": {"kind": "checkpoint", "path": ckpts["classifier"],
-                                                     "num_cpus": 0.25, "max_batch_size": 4}})
+        composed = build_app({**base, "defenses": STACK,
+                              "downstream": {"kind": "checkpoint", "path": ckpts["classifier"], "num_cpus": 0.25,
+                                             "max_batch_size": 4}})
         # Replica start-up (importing torch) dominates this file's runtime: start all three apps at once.
         serve.run_many([RunTarget(guard, "guard", "/g"), RunTarget(composed, "composed", "/c")],
                        wait_for_applications_running=False)
@@ -193,6 +201,7 @@ def test_healthz_and_openapi(service) -> None:
     h = r.json()
     assert h["status"] == "ok" and h["image_shape"] == [1, 28, 28] and h["downstream"] == "guard"
     assert h["max_batch_size"] == 8 and h["device"] == "cpu"
+    assert h["defenses"] == "trn -> classifier"  # no `defenses`: the restorer alone
     spec = c.get("/g/openapi.json").json()
     assert {"/v1/restore", "/v1/classify", "/healthz"} <= set(spec["paths"])
     content = spec["paths"]["/v1/restore"]["post"]["requestBody"]["content"]
@@ -276,18 +285,45 @@ def test_classify_guard(service) -> None:
 
 
 @pytest.mark.ray
-def test_classify_composed_deployment(service) -> None:
+def test_classify_composed_deployment_behind_a_defence_stack(service) -> None:
+    """/c: bit depth -> TRN in the restorer replica, GCM around the classifier in the DownstreamClassifier replica."""
     c, model, clf = service["client"], service["model"], service["clf"]
     png = _png(_image(4))
     r = c.post("/c/v1/classify", content=png, headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     j = r.json()
     assert j["classifier"] == "checkpoint" and list(j["probabilities"]) == NAMES
+    x = torch.from_numpy(decode_image(png, channels=1))[None]
     with torch.no_grad():
-        p = torch.softmax(clf(torch.from_numpy(_local_restore(model, png))[None]), 1)[0]
+        y = build_preprocessor(STACK, restorer=model)(x)
+        p = torch.softmax(GCMClassifier(clf, w=30.0, eps=0.3)(y), 1)[0]
+        plain = torch.softmax(clf(torch.from_numpy(_local_restore(model, png))[None]), 1)[0]
+        unwrapped = torch.softmax(clf(y), 1)[0]
+    assert (p - plain).abs().max() > 1e-3  # the stack answers differently from the restorer + plain classifier,
+    assert (p - unwrapped).abs().max() > 1e-3  # and GCM around the classifier makes a difference of its own
     np.testing.assert_allclose([j["probabilities"][n] for n in NAMES], p.numpy(), atol=1e-4)
     assert j["label"] == NAMES[int(p.argmax())]
-    assert service["client"].get("/c/healthz").json()["downstream"] == "checkpoint"
+    h = service["client"].get("/c/healthz").json()
+    assert h["downstream"] == "checkpoint" and h["defenses"] == STACK_DESCRIBED
+
+
+@pytest.mark.ray
+def test_restore_behind_a_defence_stack(service) -> None:
+    """/v1/restore of an app with `defenses` answers what the library's preprocessor gives for the same image."""
+    c, model = service["client"], service["model"]
+    png = _png(_image(9))
+    r = c.post("/c/v1/restore?format=npy", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    got = np.load(io.BytesIO(r.content), allow_pickle=False)
+    x = torch.from_numpy(decode_image(png, channels=1))[None]
+    with torch.no_grad():
+        expected = build_preprocessor(STACK, restorer=model)(x)[0].numpy()
+    assert np.abs(expected - _local_restore(model, png)).max() > 1e-2  # bit depth -> TRN is not TRN alone
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    r = c.post("/c/v1/restore", content=png, headers={"Content-Type": "image/png"})  # PNG: the same, 8-bit rounded
+    assert r.status_code == 200
+    got_png = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float32) / 255.0
+    assert np.abs(got_png - expected[0]).max() <= 1 / 255 + 1e-6
 
 
 @pytest.mark.ray
@@ -394,6 +430,53 @@ def test_builder_args_and_config_errors(ckpts, tmp_path) -> None:
         run_serve_command(argparse.Namespace(config=None, set=["app.nope=1"], address=None, blocking=False))
 
 
+def test_defence_stack_config(ckpts, tmp_path) -> None:
+    """`defenses`: checked when read (names, order, wrappers without a torch classifier) and when the app is built
+    (values, trn checkpoints); canonical plain data travels to the replicas."""
+    r = ckpts["restorer"]
+    a = app_args_from_mapping({"restorer": r, "defenses": "[{name: bitdepth, bits: 4}, restorer, gcm]"})
+    assert a.with_resolved_paths().defenses == [{"name": "bit_depth", "bits": 4}, {"name": "trn"}, {"name": "gcm"}]
+    assert app_args_from_mapping({"restorer": r}).defenses is None
+    for kind, extra in (("http", {"url": "http://127.0.0.1:9/x"}), ("none", {})):
+        with pytest.raises(ConfigError, match=rf"defenses: .*\['gcm'\] wrap the downstream classifier, but "
+                                              rf"downstream.kind is '{kind}'"):
+            app_args_from_mapping({"restorer": r, "defenses": ["trn", "gcm"], "downstream": {"kind": kind, **extra}})
+    app_args_from_mapping({"restorer": r, "defenses": [{"name": "jpeg", "quality": 75}, "trn"],  # input side: fine
+                           "downstream": {"kind": "http", "url": "http://127.0.0.1:9/x"}})
+    with pytest.raises(ConfigError, match=r"defenses: defence #0: unknown defence 'jpg'"):
+        app_args_from_mapping({"restorer": r, "defenses": [{"name": "jpg"}]})
+    with pytest.raises(ConfigError, match=r"defenses: defence #1 \(trn\) is an input-side stage but comes after"):
+        app_args_from_mapping({"restorer": r, "defenses": ["gcm", "trn"]})
+    with pytest.raises(ConfigError, match="app.defenses: expected a list"):
+        app_args_from_mapping({"restorer": r, "defenses": {"name": "trn"}})
+    with pytest.raises(ConfigError, match=r"defenses: defence #0 \(bit_depth\): .*bits must be an integer"):
+        build_app({"restorer": r, "defenses": [{"name": "bit_depth", "bits": 99}, "trn"]})  # a value: built to check
+    other = Restorer.build((1, 32, 32), num_classes=10, seed=0)
+    other.save(tmp_path / "trn32")
+    with pytest.raises(ConfigError, match=r"defence #0 \(trn\) restores \[1, 32, 32\] images"):
+        build_app({"restorer": r, "defenses": [{"name": "trn", "checkpoint": str(tmp_path / "trn32")}]})
+    with pytest.raises(ConfigError, match="file not found"):
+        build_app({"restorer": r, "defenses": [{"name": "trn", "checkpoint": str(tmp_path / "missing")}]})
+    assert build_app({"restorer": r, "defenses": STACK}) is not None  # guard downstream: GCM wraps the guard
+
+
+def test_defence_stack_around_the_guard(ckpts) -> None:
+    """downstream.kind guard: the replica's /v1/classify model is the guard inside the stack's wrappers."""
+    model = ckpts["model"]
+    spec = app_args_from_mapping({"restorer": ckpts["restorer"], "defenses": STACK}).with_resolved_paths().defenses
+    pre, classifier = _build_defenses(spec, model, "guard", "cpu")
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    reference = build_defense_stack(STACK, model.guard, restorer=model)
+    with torch.no_grad():
+        y = pre(x)
+        torch.testing.assert_close(y, reference.preprocessor(x))
+        torch.testing.assert_close(classifier(y), reference.classifier(y))
+        assert (classifier(y) - model.guard(y)).abs().max() > 1e-3  # wrapped, not the plain guard
+    pre, classifier = _build_defenses(spec, model, "checkpoint", "cpu")  # deployed downstream: wrappers left to it
+    assert classifier is model.guard and [type(s).__name__ for s in pre.stages] == ["BitDepthReduction",
+                                                                                    "RestorerStage"]
+
+
 def test_shipped_config_files() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -430,6 +513,15 @@ def test_downstream_loaders(ckpts, tmp_path) -> None:
         out = np.stack(replica._forward(list(x.numpy())))
         np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=f"{kind} {name}")
         assert replica.per_item == (name == "clf_fixed.pt2")
+    # defence-stack wrappers around a loaded downstream: GCM fits any module, UniG needs the features/head split
+    replica = DownstreamClassifier.func_or_class(DownstreamArgs(kind="torchscript", path=str(tmp_path / "clf.ts")), 1,
+                                                 STACK)
+    with torch.no_grad():
+        wrapped = torch.softmax(GCMClassifier(clf, w=30.0, eps=0.3)(x), 1).numpy()
+    np.testing.assert_allclose(np.stack(replica._forward(list(x.numpy()))), wrapped, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"defence #1 \(unig\) around the torchscript downstream .*forward_features"):
+        build_app({"restorer": ckpts["restorer"], "defenses": ["trn", "unig"],
+                   "downstream": {"kind": "torchscript", "path": str(tmp_path / "clf.ts")}})
     with pytest.raises(CheckpointError, match="not found"):
         load_downstream_model(DownstreamArgs(kind="torchscript", path=str(tmp_path / "nope.ts")))
     (tmp_path / "junk.pt2").write_bytes(b"not a program")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import trn.train_trn as train_mod
 from trn.classifiers import create_classifier, save_classifier
-from trn.config import load_config, to_dict
+from trn.config import from_dict, load_config, to_dict
 from trn.data import ImageDataset, save_npz
 from trn.errors import CheckpointError, ConfigError
 from trn.restorer import Restorer
@@ -132,8 +132,63 @@ def test_config_validation() -> None:
         TRNTrainConfig(chunks=2, clean_chunks=3)
 
 
+def test_init_from_fine_tunes_and_records_the_earlier_stage(setup: dict, tmp_path: Path) -> None:
+    stage1 = train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "out": str(tmp_path / "s1")}))
+    cfg = TRNTrainConfig(**{**setup, "epochs": 1, "lr": 0.0, "init_from": str(tmp_path / "s1")})
+    stage2 = train_trn(cfg)  # lr 0: the fine-tuned net must be exactly stage 1's
+    for (k, a), b in zip(stage1.net.state_dict().items(), stage2.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    init = json.loads((tmp_path / "trn.json").read_text())["init_from"]
+    assert init["path"] == str(tmp_path / "s1") and init["config"]["out"] == str(tmp_path / "s1")
+    assert [h["epoch"] for h in init["history"]] == [1]
+
+
+def test_init_from_refuses_another_architecture_or_guard(setup: dict, tmp_path: Path) -> None:
+    train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "two_stream": False, "out": str(tmp_path / "one")}))
+    with pytest.raises(CheckpointError, match="network .* differs"):
+        train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "init_from": str(tmp_path / "one")}))
+    with pytest.raises(CheckpointError, match="not a restorer checkpoint"):
+        train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "init_from": setup["guard"]}))
+    train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "out": str(tmp_path / "two")}))
+    meta = json.loads((tmp_path / "two.json").read_text())
+    meta["guard"]["path"] = str(tmp_path / "another_guard")
+    (tmp_path / "two.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="trained against guard"):
+        train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "init_from": str(tmp_path / "two")}))
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        train_trn(TRNTrainConfig(**{**setup, "epochs": 1, "init_from": str(tmp_path / "missing")}))
+
+
 def test_shipped_configs_load() -> None:
     cfg = load_config(TRNTrainConfig, ROOT / "configs" / "trn_fmnist.yaml")
     assert cfg.two_stream and cfg.out == "checkpoints/trn_fmnist" and cfg.guard == "checkpoints/fmnist_guard"
-    one = load_config(TRNTrainConfig, ROOT / "configs" / "trn_fmnist_onestream.yaml")
-    assert not one.two_stream and to_dict(one) | {"two_stream": True, "out": cfg.out} == to_dict(cfg)
+    ablations = {"trn_fmnist_onestream": {"two_stream": False}, "trn_fmnist_argmax": {"estimator_mode": "argmax"}}
+    unused = {"estimator_mode", "estimator_k", "estimator_scale"}  # a net without a gradient stream never reads them
+    for name, changed in ablations.items():  # each ablation differs from the TRN in one thing (and its paths)
+        ab = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}.yaml")
+        diff = {k: v for k, v in to_dict(ab).items() if v != getattr(cfg, k)}
+        if not ab.two_stream:
+            diff = {k: v for k, v in diff.items() if k not in unused}
+        assert diff == {**changed, "out": f"checkpoints/{name}", "init_from": f"runs/{name}_stage1"}
+    for c in ("trn_fmnist", *ablations):  # stage 2 starts from what its stage-1 config writes
+        stage2 = load_config(TRNTrainConfig, ROOT / "configs" / f"{c}.yaml")
+        stage1 = load_config(TRNTrainConfig, ROOT / "configs" / f"{c}_stage1.yaml")
+        assert stage1.out == stage2.init_from and stage1.init_from is None
+        assert to_dict(stage1) | {"epochs": 0, "lr": 0, "guard_weight": 0, "seed": 0, "out": "", "init_from": None} == \
+            to_dict(stage2) | {"epochs": 0, "lr": 0, "guard_weight": 0, "seed": 0, "out": "", "init_from": None}
+
+
+@pytest.mark.parametrize("name", ["trn_fmnist", "trn_fmnist_onestream", "trn_fmnist_argmax"])
+def test_shipped_checkpoints_were_made_by_their_configs(name: str) -> None:
+    """The config each shipped TRN records is its config file (fields added since take their defaults)."""
+    meta = json.loads((ROOT / "checkpoints" / f"{name}.json").read_text())
+    recorded = from_dict(TRNTrainConfig, meta["config"])
+    shipped = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}.yaml")
+    renamed = {"out", "init_from"} if name == "trn_fmnist_argmax" else set()  # trained under the main TRN's names
+    assert {k: v for k, v in to_dict(recorded).items() if k not in renamed} == \
+        {k: v for k, v in to_dict(shipped).items() if k not in renamed}
+    stage1 = from_dict(TRNTrainConfig, meta["init_from"]["config"])
+    stage1_file = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}_stage1.yaml")
+    assert {k: v for k, v in to_dict(stage1).items() if k != "out"} == \
+        {k: v for k, v in to_dict(stage1_file).items() if k != "out"}
+    assert meta["guard"]["path"] == shipped.guard and meta["trn"]["two_stream"] == shipped.two_stream

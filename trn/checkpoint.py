@@ -32,6 +32,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], met
     tmp_t, tmp_m = tensors_path.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
     save_file(state, str(tmp_t))
     tmp_m.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    os.chmod(tmp_t, 0o644)  # safetensors creates its file owner-only; a service may run as another user
     os.replace(tmp_t, tensors_path)
     os.replace(tmp_m, meta_path)
     return tensors_path

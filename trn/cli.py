@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     s.add_argument("--image-column", default="image", help="parquet column holding encoded image bytes")
     s.add_argument("--resize", default="reject", choices=["reject", "resize"], help="policy for off-size images")
+    s.add_argument("--defenses", default=None, metavar="SPEC",
+                   help="defence stack: a YAML file holding a list, or an inline YAML/JSON list such as "
+                        "'[{name: bit_depth, bits: 4}, trn, {name: gcm}]'; input transforms and trn make the images, "
+                        "gcm/unig wrap the guard for the manifest's pred_after; a trn entry without checkpoint is "
+                        "--checkpoint (default: [trn])")
     s.set_defaults(fn=_cmd_sanitize)
 
     s = sub.add_parser("serve", help="run the Ray Serve restoration/classification service")

@@ -2,10 +2,15 @@
 
 At inference the true label is unknown, so the loss is built from the guard's own belief:
 
-* ``argmax``: cross-entropy against the predicted label;
+* ``argmax``: cross-entropy against the predicted label. Just across a decision boundary its gradient points back
+  across it, but on clean images it looks like an attack direction too;
 * ``topk``:  sum_j p_j * CE(logits, j) over the ``k`` most probable labels, p renormalised over them (our default:
-  on an adversarial image the true class is usually still among the top few, so its gradient gets a say);
+  the TRN trained on it keeps clean images best). Its logit gradient is ``softmax - p``, which vanishes where the
+  top k hold almost all the mass, i.e. at a decision boundary (see docs/design.md for what that costs);
 * ``oracle``: cross-entropy against the true label; for ablations only (the restorer and service refuse it).
+
+* ``dual``: the ``topk`` and the ``argmax`` maps stacked along channels, (B, 2C, H, W): what each sees, for a net
+  that can use both (two backward passes).
 
 Per-sample ``scale``: ``std`` (divide by the map's RMS: magnitudes comparable across images, differentiable),
 ``maxabs`` (into [-1, 1]), ``sign`` (the direction FGSM/PGD step along; zero derivative), or ``none``.
@@ -25,11 +30,19 @@ from torch import nn
 from trn.errors import ConfigError, InputError
 from trn.validation import check_images, check_labels
 
-__all__ = ["MODES", "SCALES", "GradientMapEstimator", "estimate_gradient_map"]
+__all__ = ["MODES", "SCALES", "GradientMapEstimator", "estimate_gradient_map", "map_channels"]
 
-MODES = ("argmax", "topk", "oracle")
+MODES = ("argmax", "topk", "oracle", "dual")
 SCALES = ("std", "maxabs", "sign", "none")
-Mode = Literal["argmax", "topk", "oracle"]
+Mode = Literal["argmax", "topk", "oracle", "dual"]
+_PARTS = {"argmax": ("argmax",), "topk": ("topk",), "oracle": ("oracle",), "dual": ("topk", "argmax")}
+
+
+def map_channels(mode: str, channels: int) -> int:
+    """Channels of the map ``mode`` gives for ``channels``-channel images (``dual`` stacks two maps)."""
+    if mode not in _PARTS:
+        raise ConfigError(f"unknown gradient-map mode {mode!r}; choose from {list(MODES)}")
+    return len(_PARTS[mode]) * channels
 Scale = Literal["std", "maxabs", "sign", "none"]
 
 
@@ -87,7 +100,7 @@ def estimate_gradient_map(
     Args:
         x: (B, C, H, W) images in [0, 1].
         classifier: [0, 1] images -> logits. Put in eval mode for the call; its previous mode is restored.
-        mode: how labels are chosen: ``argmax``, ``topk`` or ``oracle`` (needs ``y``).
+        mode: how labels are chosen: ``argmax``, ``topk``, ``dual`` (both, stacked) or ``oracle`` (needs ``y``).
         k: number of labels for ``topk``.
         scale: per-sample normalisation (see module docstring).
         y: true labels, only for ``oracle``.
@@ -95,7 +108,7 @@ def estimate_gradient_map(
             it). The label weights are treated as constants either way.
 
     Returns:
-        (B, C, H, W) map. Detached unless ``create_graph``. No parameter gradient accumulates in ``classifier``,
+        (B, C, H, W) map ((B, 2C, H, W) for ``dual``, each half scaled on its own). Detached unless ``create_graph``. No parameter gradient accumulates in ``classifier``,
         and the training mode of each of its submodules is restored (a frozen BatchNorm stays frozen).
 
     Raises:
@@ -104,26 +117,32 @@ def estimate_gradient_map(
             for ``oracle``.
 
     Shape:
-        x: (B, C, H, W) -> (B, C, H, W)
+        x: (B, C, H, W) -> (B, C, H, W), or (B, 2C, H, W) for ``dual``
     """
     _check_settings(mode, k, scale)
     check_images(x, allow_empty=True, name="x")
     if x.shape[0] == 0:
-        return torch.zeros_like(x)
+        return x.new_zeros(0, map_channels(mode, x.shape[1]), *x.shape[2:])
+    parts = _PARTS[mode]
     modes = [(m, m.training) for m in classifier.modules()]
     classifier.eval()
     try:
         with torch.enable_grad():
             xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
             logits = classifier(xg)
-            w = _label_weights(logits, mode, k, y)
-            # sum_j w_j CE(z, j) = logsumexp(z) - sum_j w_j z_j  (rows of w sum to 1): one backward pass for any k.
-            loss = (torch.logsumexp(logits, 1) - (w * logits).sum(1)).sum()
-            (g,) = torch.autograd.grad(loss, xg, create_graph=create_graph)
+            lse = torch.logsumexp(logits, 1)
+            maps = []
+            for i, part in enumerate(parts):
+                w = _label_weights(logits, part, k, y)
+                # sum_j w_j CE(z, j) = logsumexp(z) - sum_j w_j z_j  (rows of w sum to 1): one backward pass per map.
+                loss = (lse - (w * logits).sum(1)).sum()
+                keep = create_graph or i < len(parts) - 1
+                (g,) = torch.autograd.grad(loss, xg, create_graph=create_graph, retain_graph=keep)
+                maps.append(_scale(g, scale))
     finally:
         for m, training in modes:
             m.train(training)
-    g = _scale(g, scale)
+    g = maps[0] if len(maps) == 1 else torch.cat(maps, 1)
     return g if create_graph else g.detach()
 
 

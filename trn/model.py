@@ -30,6 +30,7 @@ class TRNConfig:
     width: int = 16          # channels at full resolution; doubled at each level (16/32/64)
     levels: int = 3          # resolutions (2 downsamplings: sizes must be divisible by 4)
     two_stream: bool = True  # False = image stream only (ablation)
+    grad_channels: int = 0   # channels of the gradient map; 0 = in_channels (2 * in_channels for a 'dual' map)
 
 
 def _conv(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
@@ -73,24 +74,27 @@ class TRN(nn.Module):
 
     def __init__(self, cfg: TRNConfig = TRNConfig()) -> None:
         super().__init__()
-        if cfg.in_channels not in (1, 3) or cfg.width < 4 or cfg.levels < 1:
+        if cfg.in_channels not in (1, 3) or cfg.width < 4 or cfg.levels < 1 or cfg.grad_channels < 0:
             raise ConfigError(f"bad TRN config {cfg}")
         self.cfg = cfg
         widths = [cfg.width * 2**i for i in range(cfg.levels)]
         self.widths = widths
 
-        def stream() -> nn.ModuleList:
-            return nn.ModuleList(
-                _conv(cfg.in_channels if i == 0 else widths[i - 1], w, 1 if i == 0 else 2) for i, w in enumerate(widths)
-            )
+        def stream(cin: int) -> nn.ModuleList:
+            return nn.ModuleList(_conv(cin if i == 0 else widths[i - 1], w, 1 if i == 0 else 2) for i, w in enumerate(widths))
 
-        self.img_stream = stream()
-        self.grad_stream = stream() if cfg.two_stream else None
+        self.img_stream = stream(cfg.in_channels)
+        self.grad_stream = stream(self.map_channels) if cfg.two_stream else None
         self.fusion = nn.ModuleList(FusionBlock(w, cfg.two_stream) for w in widths)
         self.up = nn.ModuleList(_conv(widths[i + 1] + widths[i], widths[i]) for i in range(cfg.levels - 1))
         self.head = nn.Conv2d(widths[0], cfg.in_channels, 3, 1, 1)
         nn.init.zeros_(self.head.weight)  # start as the identity: clean images pass unharmed from step 0
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def map_channels(self) -> int:
+        """Channels of the gradient map the second stream reads."""
+        return self.cfg.grad_channels or self.cfg.in_channels
 
     @property
     def divisor(self) -> int:
@@ -101,8 +105,9 @@ class TRN(nn.Module):
             raise ShapeError(f"TRN expects (B, {self.cfg.in_channels}, H, W) images, got {tuple(x.shape)}")
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ShapeError(f"TRN needs H and W divisible by {self.divisor}, got {x.shape[-2]}x{x.shape[-1]}")
-        if self.cfg.two_stream and (g is None or g.shape != x.shape):
-            raise ShapeError(f"gradient map must match the image shape {tuple(x.shape)}, got "
+        want = (x.shape[0], self.map_channels, *x.shape[2:])
+        if self.cfg.two_stream and (g is None or tuple(g.shape) != want):
+            raise ShapeError(f"gradient map must have shape {want} for images {tuple(x.shape)}, got "
                              f"{None if g is None else tuple(g.shape)}")
 
     def encode_image(self, x: torch.Tensor, level: int, f: torch.Tensor | None = None) -> torch.Tensor:

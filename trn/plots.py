@@ -51,7 +51,7 @@ def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, r
 
 
 def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -> Path:
-    """Gray-box accuracy vs Linf eps per defence under ``attack``, with adaptive/BPDA points where measured."""
+    """Gray-box accuracy vs Linf eps per defence under ``attack``, with the adaptive worst case where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,11 +64,11 @@ def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -
     for k, name in enumerate(names):
         ys = [100 * sweep[e][attack][name] for e in eps_list]
         ax.plot([float(e) for e in eps_list], ys, marker="o", label=f"{name} (gray-box)", color=f"C{k}")
-        for kind, marker in (("adaptive", "x"), ("bpda", "^")):
-            pts = [(float(e), v[name]) for e, v in results.get(kind, {}).items() if v.get(name) is not None]
-            if pts and name != "no defence":
-                ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, s=60, color=f"C{k}",
-                           label=f"{name} ({'adaptive' if kind == 'adaptive' else 'BPDA'})")
+        pts = [(float(e), v[name]["worst"]) for e, v in results.get("adaptive", {}).items()
+               if isinstance(v.get(name), dict)]
+        if pts:
+            ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], marker="x", s=70, color=f"C{k}",
+                       label=f"{name} (adaptive, worst case)")
     ax.set_xlabel("Linf eps")
     ax.set_ylabel(f"accuracy under {attack.upper()} (%)")
     ax.set_ylim(-2, 102)

@@ -21,7 +21,7 @@ from torch import nn
 from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from trn.classifiers import create_classifier, load_classifier
 from trn.errors import CheckpointError, ConfigError, InputError
-from trn.gradients import GradientMapEstimator
+from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import TRN, TRNConfig, create_trn
 from trn.validation import check_images
 
@@ -48,6 +48,9 @@ class Restorer(nn.Module):
         estimator = estimator or GradientMapEstimator()
         if estimator.mode == "oracle":
             raise ConfigError("the 'oracle' gradient map needs true labels and is for ablations only")
+        if net.cfg.two_stream and map_channels(estimator.mode, net.cfg.in_channels) != net.map_channels:
+            raise ConfigError(f"the {estimator.mode!r} estimator gives {map_channels(estimator.mode, net.cfg.in_channels)}"
+                              f"-channel maps but the network's gradient stream reads {net.map_channels}")
         self.net, self.guard, self.estimator = net, guard.eval(), estimator
         for p in self.guard.parameters():
             p.requires_grad_(False)
@@ -173,8 +176,10 @@ class Restorer(nn.Module):
             gkw["image_size"] = h
         guard = create_classifier(guard_arch, **gkw)
         guard._trn_meta = {"arch": guard_arch, "arch_kwargs": gkw}
-        net = create_trn(arch, in_channels=c, two_stream=two_stream)
-        return cls(net, guard, GradientMapEstimator(**estimator), metadata={"image_shape": list(image_shape)})
+        est = GradientMapEstimator(**estimator)
+        m = map_channels(est.mode, c)
+        net = create_trn(arch, in_channels=c, two_stream=two_stream, grad_channels=0 if m == c else m)
+        return cls(net, guard, est, metadata={"image_shape": list(image_shape)})
 
     @classmethod
     def from_guard_checkpoint(cls, guard_path: str | os.PathLike, net: TRN, estimator: GradientMapEstimator,

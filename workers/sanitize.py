@@ -10,6 +10,12 @@ Inputs and what OUTPUT holds afterwards (always with ``manifest.jsonl`` and ``sa
 * ``.npz`` arrays (:func:`trn.data.load_npz`): ``OUTPUT/<name>.npz`` with float32 ``images``, ``labels``, and
   ``index`` (the input row of each output row).
 
+What "restore" means is a defence stack (``--defenses``, see :mod:`trn.defenses.stack` and
+:mod:`workers.defense_spec`): by default ``[trn]``, the ``--checkpoint`` restorer alone; with, e.g.,
+``[{name: bit_depth, bits: 4}, trn, {name: gcm}]`` the actors write what the input side (bit depth, then TRN) gives,
+and the classifier wrappers (GCM) wrap the guard for the manifest's ``pred_after``. A ``trn`` entry without its own
+``checkpoint`` is the ``--checkpoint`` restorer, which also sets the image size and provides the guard.
+
 Rows that fail (corrupt file, wrong size under ``--resize reject``...) are left out of the data and recorded in the
 manifest as ``status: error`` with the message. The manifest has one line per input: ``id``, ``status``,
 ``message``, ``label`` (npz labels, else null), the guard's ``pred_before`` / ``pred_after``, ``linf`` / ``l2`` of
@@ -26,9 +32,10 @@ At the end every input must have exactly one manifest row (``ok + error == input
     >>> report = sanitize(SanitizeConfig("runs/fmnist_pgd.npz", "runs/fmnist_pgd_clean", workers=2))
     >>> report.ok, report.errors, report.accuracy_after
 
-The input folder/Parquet files and the checkpoint are read by the actors from their paths; the checkpoint travels
-to them as bytes. On a multi-node cluster (``--address``) folder and Parquet inputs must be on a shared filesystem;
-npz inputs travel through Ray's object store.
+The input folder/Parquet files are read by the actors from their paths; the checkpoints (``--checkpoint`` and those
+of ``trn`` entries in the stack) travel to them as bytes, the stack itself as plain JSON data. On a multi-node
+cluster (``--address``) folder and Parquet inputs must be on a shared filesystem; npz inputs travel through Ray's
+object store.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -51,9 +58,17 @@ import torch
 
 from trn.checkpoint import checkpoint_paths
 from trn.data import IMAGE_SUFFIXES, ImageDataset, load_npz, save_npz
+from trn.defenses.stack import RestorerStage, build_defense_stack
 from trn.errors import ConfigError, InputError, ShapeError, TRNError
 from trn.imageio import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from trn.restorer import Restorer
+from workers.defense_spec import (
+    default_defenses,
+    describe_defenses,
+    load_defense_spec,
+    map_trn_checkpoints,
+    uses_default_restorer,
+)
 from workers.resources import ActorPool, cluster_gpus, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
 
 __all__ = [
@@ -100,6 +115,10 @@ class SanitizeConfig:
         address: Ray cluster to join (``auto``, ``ray://host:10001``); None starts a local Ray when none is running.
         max_restarts: restarts of a dead actor; max_task_retries: retries of the batch it was running.
         retry_errors: on resume, process the inputs recorded as errors again (default: they count as done).
+        defenses: the defence stack: a YAML file holding the list, an inline YAML/JSON list
+            (``'[{name: bit_depth, bits: 4}, trn]'``) or the list itself; None: ``[trn]``. Input-side stages make
+            the written images; classifier wrappers (gcm, unig) wrap the guard for ``pred_after``. A ``trn`` entry
+            without ``checkpoint`` uses ``checkpoint``. Part of what a resumed job must match.
     """
 
     input: str | os.PathLike
@@ -116,6 +135,7 @@ class SanitizeConfig:
     max_restarts: int = 3
     max_task_retries: int = 3
     retry_errors: bool = False
+    defenses: str | os.PathLike | Sequence[dict[str, Any] | str] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -125,6 +145,7 @@ class SanitizeConfig:
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         ActorPool(self.workers, self.cpus_per_worker, 0.0, self.max_restarts, self.max_task_retries)  # validates
+        load_defense_spec(self.defenses)  # names, parameters and order; values are checked when sanitize() builds it
 
 
 @dataclass(frozen=True)
@@ -148,12 +169,14 @@ class SanitizeReport:
     mean_l2: float | None = None
     nodes: tuple[str, ...] = ()
     error_examples: tuple[tuple[str, str], ...] = ()  # (id, message) of the first few errors
+    defenses: str = "trn -> guard"  # the defence stack, described (DefenseStack.describe format)
 
     def summary(self) -> str:
         """A Markdown-friendly summary (what ``trn sanitize`` prints)."""
         rate = f" ({self.processed / self.seconds:.1f} img/s)" if self.processed and self.seconds > 0 else ""
         lines = [
             f"sanitize {self.kind}: {self.input} -> {self.output}",
+            f"defences: {self.defenses}",
             "",
             "| inputs | ok | error | already done | processed now | seconds |",
             "|---:|---:|---:|---:|---:|---:|",
@@ -320,16 +343,31 @@ class _CheckpointBytes:
         t, m = checkpoint_paths(path)
         return cls(t.stem, t.read_bytes(), m.read_bytes())
 
+    def write(self, directory: Path) -> Path:
+        """Write the two files into ``directory`` (created); return the checkpoint's path without suffix."""
+        directory.mkdir(parents=True, exist_ok=True)
+        t, m = checkpoint_paths(directory / self.name)
+        t.write_bytes(self.tensors)
+        m.write_bytes(self.meta)
+        return t.with_suffix("")
+
     def load(self, device: str) -> Restorer:
         with tempfile.TemporaryDirectory(prefix="trn-ckpt-") as d:
-            t, m = checkpoint_paths(Path(d) / self.name)
-            t.write_bytes(self.tensors)
-            m.write_bytes(self.meta)
-            return Restorer.load(t.with_suffix(""), device)
+            return Restorer.load(self.write(Path(d)), device)
+
+
+def _build_stack(spec: list[dict[str, Any]], restorer: Restorer) -> Any:
+    """The :class:`~trn.defenses.stack.DefenseStack` of ``spec`` around ``restorer``'s guard (driver and actors)."""
+    return build_defense_stack(spec, restorer.guard, restorer=restorer if uses_default_restorer(spec) else None)
 
 
 class RestoreWorker:
-    """Ray Data callable class: read, decode, restore and encode one batch (restorer loaded once per actor).
+    """Ray Data callable class: read, decode, restore and encode one batch (the defence stack built once per actor).
+
+    ``defenses`` is the canonical stack (plain data; None: ``[trn]``); the checkpoint of each ``trn`` entry that has
+    one comes as bytes in ``defense_checkpoints`` (entry index -> bytes), like the main ``checkpoint``. The input
+    side of the stack makes the restored images; ``pred_before`` is the plain guard's prediction on the input,
+    ``pred_after`` the prediction of the guard inside the stack's classifier wrappers on the restored image.
 
     Input batch columns: ``id`` and, by kind, ``path`` (folder), ``path``/``row_group``/``offset`` (Parquet) or
     ``image`` (npz, float32 NCHW). Output columns: ``id status message pred_before pred_after linf l2 node worker``
@@ -339,12 +377,19 @@ class RestoreWorker:
 
     def __init__(self, checkpoint: _CheckpointBytes, kind: InputKind, image_column: str = "image",
                  resize: Literal["reject", "resize"] = "reject", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 use_gpu: bool = False, threads: int = 1) -> None:
+                 use_gpu: bool = False, threads: int = 1, defenses: list[dict[str, Any]] | None = None,
+                 defense_checkpoints: dict[int, _CheckpointBytes] | None = None) -> None:
         import ray
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.restorer = checkpoint.load(self.device)
+        extra = defense_checkpoints or {}
+        with tempfile.TemporaryDirectory(prefix="trn-defense-ckpt-") as d:  # loaded into memory before it goes
+            spec = map_trn_checkpoints(default_defenses() if defenses is None else defenses,
+                                       lambda i, path: str(extra[i].write(Path(d) / str(i))) if i in extra else path)
+            stack = _build_stack(spec, self.restorer)
+        self.preprocessor, self.guard_after = stack.preprocessor, stack.classifier
         self.kind, self.image_column, self.resize, self.max_pixels = kind, image_column, resize, max_pixels
         self.channels, self.height, self.width = (int(v) for v in self.restorer.image_shape)
         self.node = ray.get_runtime_context().get_node_id()
@@ -417,13 +462,13 @@ class RestoreWorker:
         restored = np.zeros((n, self.channels, self.height, self.width), dtype=np.float32)
         if good:
             x = torch.from_numpy(np.stack([loaded[i] for i in good])).to(self.device)  # (B, C, H, W)
-            # not inference_mode: the gradient stream needs autograd through the guard (restore() handles it)
-            y = self.restorer.restore(x, batch_size=len(x))
-            if self.kind != "npz":
-                y = (y * 255.0).round() / 255.0  # measure what the PNG holds
+            # no_grad, not inference_mode: the gradient stream needs autograd through the guard (it enables it)
             with torch.no_grad():
+                y = self.preprocessor(x)
+                if self.kind != "npz":
+                    y = (y * 255.0).round() / 255.0  # measure what the PNG holds
                 pred_before[good] = self.restorer.guard(x).argmax(1).cpu().numpy()
-                pred_after[good] = self.restorer.guard(y).argmax(1).cpu().numpy()
+                pred_after[good] = self.guard_after(y).argmax(1).cpu().numpy()
             d = (y - x).flatten(1)
             linf[good] = d.abs().amax(1).cpu().numpy()
             l2[good] = d.norm(dim=1).cpu().numpy()
@@ -610,12 +655,50 @@ class _Outputs:
 
 
 # --------------------------------------------------------------------------------------------- the job
-def _spec(cfg: SanitizeConfig, plan: _Plan, checkpoint: Path) -> dict[str, Any]:
+def _digest(checkpoint: str | os.PathLike) -> str:
+    return hashlib.sha256(checkpoint_paths(checkpoint)[0].read_bytes()).hexdigest()[:16]
+
+
+def _prepare_defenses(cfg: SanitizeConfig, restorer: Restorer) -> list[dict[str, Any]]:
+    """The job's defence stack in canonical form, ``trn`` checkpoints made absolute, checked by building it once.
+
+    Building it here (on the driver, before Ray starts) checks every value (``bits: 99``...), loads the checkpoints
+    of ``trn`` entries and UniG's reference images, and checks that those restorers take the images the job
+    decodes (the ``--checkpoint`` restorer's size).
+
+    Raises:
+        ConfigError / CheckpointError: a bad spec or an unusable checkpoint.
+    """
+    spec = load_defense_spec(cfg.defenses)
+    spec = default_defenses() if spec is None else spec
+
+    def resolve(i: int, path: str) -> str:
+        t = checkpoint_paths(path)[0]
+        if not t.is_file():
+            raise ConfigError(f"--defenses: defence #{i} (trn): checkpoint file not found: {t}")
+        return str(t.resolve().with_suffix(""))
+
+    spec = map_trn_checkpoints(spec, resolve)
+    try:
+        stack = _build_stack(spec, restorer)
+    except ConfigError as e:
+        raise ConfigError(f"--defenses: {e}") from e
+    for i, stage in enumerate(stack.preprocessor.stages):  # input-side entries come first: stage i is entry i
+        if isinstance(stage, RestorerStage) and tuple(stage.restorer.image_shape) != tuple(restorer.image_shape):
+            raise ConfigError(f"--defenses: defence #{i} (trn) restores {tuple(stage.restorer.image_shape)} images, "
+                              f"but the job decodes images for --checkpoint's restorer, {tuple(restorer.image_shape)}")
+    return spec
+
+
+def _spec(cfg: SanitizeConfig, plan: _Plan, checkpoint: Path, defenses: list[dict[str, Any]]) -> dict[str, Any]:
     """What must match for a rerun to resume (rather than mix two jobs in one OUTPUT)."""
-    digest = hashlib.sha256(checkpoint_paths(checkpoint)[0].read_bytes()).hexdigest()[:16]
     spec: dict[str, Any] = {"input": str(plan.input.resolve()), "kind": plan.kind,
                             "checkpoint": str(checkpoint_paths(checkpoint)[0].resolve()),
-                            "checkpoint_sha256": digest, "resize": cfg.resize, "max_pixels": cfg.max_pixels}
+                            "checkpoint_sha256": _digest(checkpoint), "resize": cfg.resize,
+                            "max_pixels": cfg.max_pixels, "defenses": defenses}
+    stack_digests = [_digest(e["checkpoint"]) for e in defenses if e["name"] == "trn" and e.get("checkpoint")]
+    if stack_digests:
+        spec["defenses_checkpoint_sha256"] = stack_digests
     if plan.kind == "parquet":
         spec["image_column"] = cfg.image_column
     if plan.dataset is not None:  # npz: the arrays themselves (the file's bytes change with zip timestamps)
@@ -625,10 +708,14 @@ def _spec(cfg: SanitizeConfig, plan: _Plan, checkpoint: Path) -> dict[str, Any]:
     return spec
 
 
+# Keys that older versions did not write to sanitize.json, with the value their jobs implied.
+_IMPLIED_BEFORE = {"defenses": default_defenses()}
+
+
 def _check_spec(output: Path, spec: dict[str, Any]) -> None:
     path = output / SPEC_NAME
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**_IMPLIED_BEFORE, **json.loads(path.read_text())}
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if diff:
             raise SanitizeError(f"{output} holds a different sanitize job ({', '.join(diff)} differ: "
@@ -708,13 +795,15 @@ def sanitize(cfg: SanitizeConfig, on_batch: Callable[[list[dict[str, Any]]], Non
             tests that kill an actor mid-job).
 
     Raises:
-        InputError / DataError / ConfigError / CheckpointError: before Ray starts, for a bad input or checkpoint.
+        InputError / DataError / ConfigError / CheckpointError: before Ray starts, for a bad input, checkpoint or
+            defence stack.
         SanitizeError: OUTPUT holds another job, or the manifest does not account for every input exactly once.
     """
     t0 = time.perf_counter()
     src, output = Path(cfg.input), Path(cfg.output)
     kind = detect_input(src)
     restorer = Restorer.load(cfg.checkpoint)  # fail early on a bad checkpoint; the actors load their own copy
+    defenses = _prepare_defenses(cfg, restorer)  # likewise for the defence stack
     plan = {"folder": lambda: _plan_folder(src, output),
             "parquet": lambda: _plan_parquet(src, output, cfg.image_column),
             "npz": lambda: _plan_npz(src)}[kind]()
@@ -725,7 +814,7 @@ def sanitize(cfg: SanitizeConfig, on_batch: Callable[[list[dict[str, Any]]], Non
         if (h, w) != (rh, rw) and cfg.resize == "reject":
             raise ShapeError(f"{src}: images are {h}x{w} but the restorer needs {rh}x{rw} (--resize resize to "
                              "resize them)")
-    _check_spec(output, _spec(cfg, plan, Path(cfg.checkpoint)))
+    _check_spec(output, _spec(cfg, plan, Path(cfg.checkpoint), defenses))
     outputs = _Outputs(plan, output, cfg.image_column)
     manifest_path = output / MANIFEST_NAME
     done = read_manifest(manifest_path)
@@ -740,15 +829,16 @@ def sanitize(cfg: SanitizeConfig, on_batch: Callable[[list[dict[str, Any]]], Non
     if pre:
         writer.append(pre)
     todo = [i for i in todo if i not in plan.driver_errors]
-    processed = len(pre) + (_run(cfg, plan, todo, outputs, writer, on_batch) if todo else 0)
+    processed = len(pre) + (_run(cfg, plan, todo, outputs, writer, on_batch, defenses) if todo else 0)
     rows = read_manifest(manifest_path)
     _account(plan, rows, manifest_path)
     outputs.assemble(rows)
-    return _report(plan, rows, output, manifest_path, skipped, processed, time.perf_counter() - t0)
+    return _report(plan, rows, output, manifest_path, skipped, processed, time.perf_counter() - t0,
+                   describe_defenses(defenses, "guard"))
 
 
 def _run(cfg: SanitizeConfig, plan: _Plan, todo: list[str], outputs: _Outputs, writer: _ManifestWriter,
-         on_batch: Callable[[list[dict[str, Any]]], None] | None) -> int:
+         on_batch: Callable[[list[dict[str, Any]]], None] | None, defenses: list[dict[str, Any]]) -> int:
     """Run the Ray Data pipeline over ``todo``; return how many rows came back (== len(todo), or raise)."""
     import ray
 
@@ -766,6 +856,9 @@ def _run(cfg: SanitizeConfig, plan: _Plan, todo: list[str], outputs: _Outputs, w
                 "checkpoint": _CheckpointBytes.read(cfg.checkpoint), "kind": plan.kind,
                 "image_column": cfg.image_column, "resize": cfg.resize, "max_pixels": cfg.max_pixels,
                 "use_gpu": pool.num_gpus > 0, "threads": int(pool.num_cpus),
+                "defenses": defenses,  # plain JSON data; the checkpoints of its trn entries travel as bytes
+                "defense_checkpoints": {i: _CheckpointBytes.read(e["checkpoint"]) for i, e in enumerate(defenses)
+                                        if e["name"] == "trn" and e.get("checkpoint")},
             },
             **map_batches_resource_kwargs(pool),
         )
@@ -800,7 +893,7 @@ def _account(plan: _Plan, rows: dict[str, dict[str, Any]], manifest: Path) -> No
 
 
 def _report(plan: _Plan, rows: dict[str, dict[str, Any]], output: Path, manifest: Path, skipped: int,
-            processed: int, seconds: float) -> SanitizeReport:
+            processed: int, seconds: float, defenses: str) -> SanitizeReport:
     ok_rows = [r for r in rows.values() if r["status"] == "ok"]
     errors = [(i, r["message"]) for i, r in rows.items() if r["status"] == "error"]
     labelled = [r for r in ok_rows if r.get("label") is not None and r["label"] >= 0]
@@ -814,7 +907,7 @@ def _report(plan: _Plan, rows: dict[str, dict[str, Any]], output: Path, manifest
         accuracy_before=acc_b, accuracy_after=acc_a, mean_linf=float(np.mean(linf)) if linf else None,
         mean_l2=float(np.mean(l2)) if l2 else None,
         nodes=tuple(sorted({r["node"] for r in rows.values() if r.get("node")})),
-        error_examples=tuple(errors[:5]),
+        error_examples=tuple(errors[:5]), defenses=defenses,
     )
 
 
@@ -823,7 +916,7 @@ def run_sanitize_command(args: argparse.Namespace) -> int:
     cfg = SanitizeConfig(
         input=args.input, output=args.output, checkpoint=args.checkpoint, workers=args.workers,
         batch_size=args.batch_size, num_gpus=args.num_gpus, image_column=args.image_column, resize=args.resize,
-        address=args.address,
+        address=args.address, defenses=getattr(args, "defenses", None),
     )
     report = sanitize(cfg)
     print(report.summary())

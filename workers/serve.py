@@ -10,6 +10,11 @@ Two deployments, composed with a :class:`~ray.serve.handle.DeploymentHandle`:
   ``POST /v1/classify`` forwards restored images to, batched too. ``kind: guard`` uses the restorer's own guard in
   the ``TRNService`` replica; ``kind: http`` POSTs the restored PNG to an external endpoint.
 
+Both apply the defence stack of ``defenses`` (:mod:`trn.defenses.stack`; default ``[trn]``, the restorer alone):
+its input side (e.g. bit-depth reduction, then TRN) runs in the ``TRNService`` replica and is what ``/v1/restore``
+answers and ``/v1/classify`` classifies; its classifier wrappers (GCM, UniG) wrap the downstream classifier where that
+runs as a torch module (the guard in ``TRNService``, or the ``DownstreamClassifier`` replica).
+
 Endpoints: ``POST /v1/restore`` (cleaned PNG, or ``?format=npy|json`` for the float tensor), ``POST /v1/classify``
 (label + probabilities), ``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``.
 
@@ -42,8 +47,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trn.checkpoint import checkpoint_paths
+from trn.defenses.stack import build_defense_stack, build_preprocessor
 from trn.errors import CheckpointError, ConfigError, InputError, ShapeError, TRNError
 from trn.imageio import decode_image, encode_png
+from workers.defense_spec import (
+    canonical_defenses,
+    default_defenses,
+    describe_defenses,
+    split_defenses,
+    uses_default_restorer,
+)
 from workers.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
 
 __all__ = ["DownstreamClassifier", "TRNService", "api", "build_app", "load_downstream_model", "run_serve_command"]
@@ -102,6 +115,7 @@ class HealthResponse(BaseModel):
     image_shape: list[int]
     device: str
     downstream: str
+    defenses: str = Field(description="the defence stack, e.g. 'bit_depth(bits=4) -> trn -> gcm -> classifier'")
     max_batch_size: int
     batch_wait_timeout_s: float
 
@@ -340,6 +354,25 @@ def load_downstream_model(ds: DownstreamArgs, device: str | torch.device = "cpu"
     return model, {"kind": ds.kind, "path": str(path)}
 
 
+def _wrap(model: torch.nn.Module, spec: list[dict[str, Any]] | None, what: str) -> torch.nn.Module:
+    """``model`` inside the classifier wrappers (gcm, unig) of a canonical defence stack, the first listed closest
+    to it (as :func:`~trn.defenses.stack.build_defense_stack` does); the input-side entries are skipped.
+
+    Raises:
+        ConfigError: a wrapper that does not fit ``what`` (UniG needs ``forward_features`` / ``forward_head``, which a
+            TorchScript or ``torch.export`` program usually lacks) or a bad wrapper setting, named by its index in
+            the whole stack.
+    """
+    inputs, wrappers = split_defenses(canonical_defenses(spec, "defenses") if spec else [])
+    for i, entry in enumerate(wrappers, start=len(inputs)):  # the wrappers come after every input-side entry
+        try:
+            model = build_defense_stack([entry], model).classifier
+        except ConfigError as e:
+            msg = str(e).removeprefix(f"defence #0 ({entry['name']}): ")
+            raise ConfigError(f"defenses: defence #{i} ({entry['name']}) around {what}: {msg}") from e
+    return model
+
+
 def _parse_downstream_json(data: Any, url: str) -> tuple[np.ndarray | None, Any]:
     """Accept {"probabilities": [...] | {name: p}}, {"logits": [...]} or {"label": ...} from an HTTP classifier."""
     if not isinstance(data, dict):
@@ -381,16 +414,42 @@ def _first(out: Any) -> torch.Tensor:
     return out
 
 
+def _build_defenses(spec: list[dict[str, Any]], restorer: torch.nn.Module, kind: str,
+                    device: torch.device | str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(input side, classifier for ``/v1/classify`` when ``kind`` is guard) of a canonical defence stack.
+
+    With ``downstream.kind: guard`` the classifier wrappers wrap ``restorer.guard``; with any other kind they are left
+    to the ``DownstreamClassifier`` deployment (and refused by :class:`AppArgs` for ``http`` / ``none``), and the
+    returned classifier is the plain guard (unused).
+
+    Raises:
+        ConfigError: a bad value (``bits: 99``) or a wrapper that does not fit the guard, named with the option.
+    """
+    default = restorer if uses_default_restorer(spec) else None
+    try:
+        if kind == "guard":
+            stack = build_defense_stack(spec, restorer.guard, restorer=default)
+            return stack.preprocessor, stack.classifier
+        return build_preprocessor(split_defenses(spec)[0], restorer=default, device=device), restorer.guard
+    except ConfigError as e:
+        raise ConfigError(f"defenses: {e}") from e
+
+
 # ---------------------------------------------------------------------------------------------------- deployments
 @serve.deployment(name=DOWNSTREAM_NAME)
 class DownstreamClassifier:
-    """A classifier replica for ``POST /v1/classify``: batched forward passes over restored images."""
+    """A classifier replica for ``POST /v1/classify``: batched forward passes over restored images.
 
-    def __init__(self, ds: DownstreamArgs, threads: int = 1) -> None:
+    ``defenses``: the app's defence stack (canonical, plain data); its classifier wrappers (gcm, unig) are put around
+    the loaded model, its input side has already run in ``TRNService``.
+    """
+
+    def __init__(self, ds: DownstreamArgs, threads: int = 1, defenses: list[dict[str, Any]] | None = None) -> None:
         torch.set_num_threads(threads)
         self.ds = ds
         self.device = _pick_device(ds.device)
         self.model, self.meta = load_downstream_model(ds, self.device)
+        self.model = _wrap(self.model, defenses, f"the {ds.kind} downstream {ds.path}")
         self.per_item = False  # set when an exported program has a fixed batch size of 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trn-downstream")
         log.info("downstream %s %s on %s", ds.kind, ds.path, self.device)
@@ -426,7 +485,11 @@ class DownstreamClassifier:
 @serve.deployment(name=SERVICE_NAME)
 @serve.ingress(api)
 class TRNService:
-    """HTTP ingress + batched restorer (one replica: FastAPI handlers and one model copy)."""
+    """HTTP ingress + batched restorer (one replica: FastAPI handlers and one model copy).
+
+    The "restorer" is the input side of the defence stack (``args.defenses``; default ``[trn]``); with
+    ``downstream.kind: guard`` the stack's classifier wrappers wrap the guard that answers ``/v1/classify``.
+    """
 
     def __init__(self, args: AppArgs, info: dict, downstream: DeploymentHandle | None = None) -> None:
         from trn.restorer import Restorer
@@ -436,6 +499,9 @@ class TRNService:
         self.device = _pick_device(args.device)
         self.restorer = Restorer.load(args.restorer, self.device)
         self.channels, self.height, self.width = (int(v) for v in self.restorer.image_shape)
+        spec = default_defenses() if args.defenses is None else args.defenses
+        self.preprocessor, self.classifier = _build_defenses(spec, self.restorer, args.downstream.kind, self.device)
+        self.defenses = describe_defenses(spec)
         self.class_names = list(self.restorer.class_names)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trn-restore")  # the model runs here, off the loop
         self._fatal: str | None = None
@@ -445,7 +511,8 @@ class TRNService:
 
             self._http = httpx.AsyncClient(timeout=args.downstream.timeout_s)
         self._batch_params = (args.max_batch_size, args.batch_wait_timeout_s)
-        log.info("restorer %s on %s, image shape %s", args.restorer, self.device, self.restorer.image_shape)
+        log.info("restorer %s on %s, image shape %s, defences %s", args.restorer, self.device,
+                 self.restorer.image_shape, self.defenses)
 
     # -------------------------------------------------------------- Serve hooks
     def reconfigure(self, config: dict) -> None:
@@ -464,13 +531,13 @@ class TRNService:
 
     # -------------------------------------------------------------- model
     def _run_model(self, images: list[np.ndarray], want_logits: list[bool]) -> list[tuple[np.ndarray, Any, int]]:
-        x = torch.from_numpy(np.stack(images))  # (B, C, H, W)
+        x = torch.from_numpy(np.stack(images)).to(self.device)  # (B, C, H, W)
         try:
-            y = self.restorer.restore(x)
-            probs = None
-            if any(want_logits):
-                with torch.no_grad():
-                    probs = _probabilities(self.restorer.guard(y.to(self.device))).cpu().numpy()
+            # no_grad, not inference_mode: TRN's gradient stream needs autograd through the guard (it enables it)
+            with torch.no_grad():
+                y = self.preprocessor(x)
+                probs = _probabilities(self.classifier(y)).cpu().numpy() if any(want_logits) else None
+            y = y.cpu()
         except RuntimeError as e:
             if "CUDA" in str(e) or "out of memory" in str(e):
                 self._fatal = f"model failure: {e}"
@@ -515,7 +582,8 @@ class TRNService:
         mbs, wait = self._batch_params
         return HealthResponse(status="ok", restorer=Path(self.args.restorer).name,
                               image_shape=[self.channels, self.height, self.width], device=str(self.device),
-                              downstream=self.args.downstream.kind, max_batch_size=mbs, batch_wait_timeout_s=wait)
+                              downstream=self.args.downstream.kind, defenses=self.defenses, max_batch_size=mbs,
+                              batch_wait_timeout_s=wait)
 
     @api.post(
         "/v1/restore",
@@ -608,6 +676,30 @@ class TRNService:
 
 
 # ---------------------------------------------------------------------------------------------------- builder
+def _check_defenses(args: AppArgs, meta: dict) -> None:
+    """Build ``args.defenses`` once on the CPU, as the replicas will, so that every value is checked before anything
+    starts: parameter values, ``trn`` checkpoints (which must restore the restorer's image size) and, with a deployed
+    downstream, whether the wrappers fit its model (UniG needs ``forward_features`` / ``forward_head``).
+
+    Raises:
+        ConfigError / CheckpointError: what the replicas would otherwise fail with at start-up.
+    """
+    from trn.restorer import Restorer
+
+    spec = args.defenses or []
+    shape = meta.get("image_shape")
+    for i, entry in enumerate(spec):
+        if entry["name"] == "trn" and entry.get("checkpoint"):
+            other = _read_meta(entry["checkpoint"], "restorer").get("image_shape")
+            if other != shape:
+                raise ConfigError(f"defenses: defence #{i} (trn) restores {other} images but the service decodes "
+                                  f"images for `restorer`, {shape}")
+    _build_defenses(spec, Restorer.load(args.restorer), args.downstream.kind, "cpu")
+    ds = args.downstream
+    if split_defenses(spec)[1] and ds.deployed:
+        _wrap(load_downstream_model(ds, "cpu")[0], spec, f"the {ds.kind} downstream {ds.path}")
+
+
 def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
     """The TRN Serve application (``serve run workers.serve:build_app`` / ``import_path`` of a Serve config file).
 
@@ -616,7 +708,8 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
             ``serve run``; dotted keys reach sections, ``config=configs/serve.yaml`` starts from that file's ``app:``).
 
     Raises:
-        ConfigError: bad option, missing checkpoint, or a downstream that does not fit the restorer.
+        ConfigError: bad option, missing checkpoint, a downstream that does not fit the restorer, or a defence stack
+            that cannot be built (checked by building it on the CPU here, before anything starts).
         CheckpointError: a checkpoint whose metadata is unreadable or of the wrong kind.
     """
     app_args = args if isinstance(args, AppArgs) else app_args_from_mapping(args)
@@ -639,6 +732,8 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
                           f"{len(restorer_names)} classes")
     if ds.kind == "guard" and ds.class_names:
         info["downstream_class_names"] = ds.class_names
+    if app_args.defenses is not None:
+        _check_defenses(app_args, meta)
 
     gpus = _cluster_has_gpus() if (app_args.num_gpus is None or (ds.deployed and ds.num_gpus is None)) else False
     share = 0.5 if ds.deployed else 1.0  # one GPU holds a restorer + downstream pair by default
@@ -653,7 +748,7 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
             ray_actor_options={"num_cpus": ds.num_cpus, "num_gpus": ds_gpus},
             user_config={"max_batch_size": ds.max_batch_size, "batch_wait_timeout_s": ds.batch_wait_timeout_s},
             health_check_period_s=app_args.health_check_period_s,
-        ).bind(ds, max(1, int(ds.num_cpus)))
+        ).bind(ds, max(1, int(ds.num_cpus)), app_args.defenses)
 
     scaling: dict[str, Any] = (
         {"autoscaling_config": app_args.autoscaling.to_ray()} if app_args.autoscaling

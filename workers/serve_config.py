@@ -3,7 +3,7 @@
 Two layers, so that one set of application settings works under every launcher:
 
 * :class:`AppArgs`: everything the application itself needs (checkpoint, batching, replicas, input limits, the
-  downstream classifier). It is what ``workers.serve:build_app`` takes, what ``args:`` holds in a Ray Serve config
+  downstream classifier, the defence stack). It is what ``workers.serve:build_app`` takes, what ``args:`` holds in a Ray Serve config
   file (``configs/serve_deploy.yaml``, KubeRay ``serveConfigV2``), and the ``app:`` section of ``configs/serve.yaml``.
 * :class:`ServeConfig`: ``app`` plus where ``trn serve`` listens and which Ray cluster it uses. Under ``serve run``
   / ``serve deploy`` these belong to the Serve config file's ``http_options`` instead.
@@ -28,6 +28,7 @@ import yaml
 
 from trn.config import from_dict, load_config
 from trn.errors import ConfigError
+from workers.defense_spec import canonical_defenses, map_trn_checkpoints, split_defenses
 
 __all__ = [
     "DOWNSTREAM_KINDS",
@@ -151,6 +152,12 @@ class AppArgs:
     resize: Literal["reject", "resize"] = "reject"  # off-size images: 422, or bilinear resize (reported in a header)
     channel_policy: Literal["reject", "convert"] = "reject"  # grey<->RGB mismatch: 422, or convert
     downstream: DownstreamArgs = field(default_factory=DownstreamArgs)
+    # Defence stack (trn.defenses.stack), e.g. [{name: jpeg, quality: 50}, trn, {name: gcm}]. The input side
+    # (jpeg, bit_depth, median, gaussian_blur, trn, in order) answers /v1/restore and feeds /v1/classify; classifier
+    # wrappers (gcm, unig) wrap the downstream classifier, so they need one that runs as a torch module (guard,
+    # checkpoint, torchscript, export). A trn entry without its own checkpoint is `restorer`, which also sets the image
+    # size. None: [trn], the restorer alone.
+    defenses: list[dict[str, Any] | str] | None = None
 
     def __post_init__(self) -> None:
         if not self.restorer:
@@ -170,6 +177,15 @@ class AppArgs:
         _positive("health_check_period_s", self.health_check_period_s)
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("max_pixels", self.max_pixels)
+        if self.defenses is not None:
+            _, wrappers = split_defenses(canonical_defenses(self.defenses, "defenses"))
+            if wrappers and self.downstream.kind in ("http", "none"):
+                raise ConfigError(
+                    f"defenses: the classifier wrapper(s) {[w['name'] for w in wrappers]} wrap the downstream "
+                    f"classifier, but downstream.kind is {self.downstream.kind!r}, which "
+                    + ("runs outside this service" if self.downstream.kind == "http" else "means no classifier")
+                    + "; use downstream.kind guard, checkpoint, torchscript or export, or list only input-side "
+                    "defences (jpeg, bit_depth, median, gaussian_blur, trn)")
 
     @property
     def restorer_max_ongoing_requests(self) -> int:
@@ -180,7 +196,8 @@ class AppArgs:
         return self.torch_threads or max(1, int(self.num_cpus))
 
     def with_resolved_paths(self) -> AppArgs:
-        """Make checkpoint/model paths absolute (replicas may run in another working directory).
+        """Make checkpoint/model paths absolute (replicas may run in another working directory), and ``defenses``
+        canonical (plain data, aliases resolved: what travels to the replicas).
 
         A relative path is looked up in the current directory, then in the repository root.
 
@@ -192,7 +209,12 @@ class AppArgs:
         if ds.path:
             suffixes = (".safetensors",) if ds.kind == "checkpoint" else ("",)
             ds = dataclasses.replace(ds, path=_resolve(ds.path, "downstream.path", suffixes))
-        return dataclasses.replace(self, restorer=restorer, downstream=ds)
+        defenses = self.defenses
+        if defenses is not None:
+            defenses = map_trn_checkpoints(
+                canonical_defenses(defenses, "defenses"),
+                lambda i, path: _resolve(path, f"defenses[{i}] (trn) checkpoint", (".safetensors",)))
+        return dataclasses.replace(self, restorer=restorer, downstream=ds, defenses=defenses)
 
 
 def _resolve(path: str, where: str, suffixes: tuple[str, ...]) -> str:

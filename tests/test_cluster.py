@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -86,10 +85,8 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_actor(two_nodes, job,
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    t0 = time.perf_counter()
     report = sanitize(SanitizeConfig(npz, tmp_path / "out", checkpoint=checkpoint, workers=2, batch_size=4,
                                      max_restarts=3, max_task_retries=3), on_batch=kill_one_actor)
-    elapsed = time.perf_counter() - t0
     assert killed and not _alive(killed[0])
     assert (report.total, report.ok, report.errors, report.processed) == (N, N, 0, N)
     rows = read_manifest(tmp_path / "out" / MANIFEST_NAME)
@@ -100,5 +97,3 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_actor(two_nodes, job,
     assert len(out) == N
     expected = Restorer.load(checkpoint).restore(load_npz(npz).images)
     assert torch.allclose(out.images, expected, atol=1e-5)
-    pids = {r["worker"] for r in rows.values()}
-    print(f"\n{N} images on {len(node_ids)} nodes in {elapsed:.1f} s; worker pids {sorted(pids)}, killed {killed[0]}")

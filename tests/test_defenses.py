@@ -394,7 +394,11 @@ def test_train_classifier_config_and_cli(tmp_path: Path) -> None:
     for name in ("classifier_fmnist_gfa", "classifier_fmnist_advtrain"):
         load_config(ClassifierTrainConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     cfg = load_config(DefenseEvalConfig, Path(__file__).parents[1] / "configs" / "eval_defenses_fmnist.yaml")
-    assert cfg.n == 1000 and len(cfg.rows) >= 10
+    assert cfg.n is None and cfg.n_subset == 1000 and len(cfg.rows) >= 10  # the full test set for the main table
+    with pytest.raises(ConfigError, match="n_adaptive <= n_subset"):
+        DefenseEvalConfig(n=None, n_subset=100, n_adaptive=200)
+    with pytest.raises(ConfigError, match="n must be a positive integer"):
+        DefenseEvalConfig(n=0)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -415,18 +419,27 @@ def test_defense_evaluation_end_to_end(tmp_path: Path) -> None:
             {"name": "later", "classifier": str(tmp_path / "not_trained_yet")}]
     cfg = from_dict(DefenseEvalConfig, {
         "dataset": "npz", "data_dir": _npz(tmp_path, 40), "guard": str(tmp_path / "guard"),
-        "restorer": str(tmp_path / "trn"), "rows": rows, "n": 12, "n_adaptive": 6, "n_square": 4, "eps_sweep": [0.1],
+        "restorer": str(tmp_path / "trn"), "rows": rows, "n": None, "n_subset": 12, "n_adaptive": 6, "n_square": 4,
+        "eps_sweep": [0.05, 0.1],
         "gray_box": ["fgsm", "pgd"], "adaptive_steps": 2, "eot_samples": 2, "square_queries": 10, "batch_size": 8,
         "device": "cpu", "out_dir": str(tmp_path / "eval")})
     with pytest.warns(UserWarning, match="skipping row 'later'"):
         report = run_defense_evaluation(cfg)
     res = report.results
     assert list(res["table"]) == ["none", "bits", "gcm", "trn+unig"] and "later" in res["skipped"]
+    # gray-box columns on all 40 images; the sweep (eps 0.1 included) and white-box images on the 12 of n_subset
+    assert (res["n"], res["n_subset"], res["n_adaptive"]) == (40, 12, 6) and "full test set (40 images)" in report.markdown
+    assert set(res["sweep"]) == {"0.05", "0.1"} and all(len(v["pgd"]) == 4 for v in res["sweep"].values())
     for row in res["table"].values():
         assert set(row) == {"clean", "fgsm", "pgd", "whitebox_naive", "adaptive", "square"}
         assert all(0 <= v <= 1 for v in row.values())
         assert row["adaptive"] <= row["whitebox_naive"] + 1e-9
     assert res["whitebox"]["gcm"]["bpda"] is None and res["whitebox"]["trn+unig"]["bpda"] is not None
+    # the held-constant-map attack runs where a two-stream TRN is in the stack, and counts in the worst case
+    assert res["whitebox"]["trn+unig"]["gconst"] is not None and res["whitebox"]["gcm"]["gconst"] is None
+    wb = res["whitebox"]["trn+unig"]
+    assert wb["adaptive"] <= min(wb[v] for v in ("e2e", "gconst", "bpda")) + 1e-9
+    assert "| map held constant |" in report.markdown
     for name in ("report.md", "report.json", "accuracy_vs_eps.png", "state.json"):
         assert (tmp_path / "eval" / name).is_file()
     assert "| trn+unig |" in report.markdown and "later" in report.markdown
@@ -434,3 +447,28 @@ def test_defense_evaluation_end_to_end(tmp_path: Path) -> None:
     with pytest.warns(UserWarning):
         again = run_defense_evaluation(cfg)  # resumed from state.json: same numbers
     assert again.results["table"] == res["table"]
+
+
+def test_held_map_variant_differentiates_through_the_image_path_only() -> None:
+    """``gconst``: the restorer's map is recomputed (same forward output) but carries no gradient."""
+    from trn.defenses.stack import RestorerStage
+    from trn.evaluate_defenses import _holding_maps
+    from trn.restorer import Restorer
+
+    r = Restorer.build((1, H, W), num_classes=K, arch="trn_tiny", seed=0)
+    with torch.no_grad():
+        r.net.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    stage = RestorerStage(r)
+    assert stage.has_map and not RestorerStage(Restorer.build((1, H, W), num_classes=K, two_stream=False)).has_map
+    x = torch.rand(2, 1, H, W, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    (g_e2e,) = torch.autograd.grad(stage(x).sum(), x)
+    with _holding_maps(stage, True):
+        assert stage.hold_map
+        out = stage(x)
+        (g_held,) = torch.autograd.grad(out.sum(), x)
+    assert not stage.hold_map  # restored afterwards
+    xd = x.detach()
+    torch.testing.assert_close(out.detach(), r(xd))
+    (g_ref,) = torch.autograd.grad(r.net(x, r.gradient_map(xd)).sum(), x)  # map as a constant
+    torch.testing.assert_close(g_held, g_ref)
+    assert not torch.allclose(g_held, g_e2e)  # the map's own derivative is what e2e adds

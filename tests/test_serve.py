@@ -170,7 +170,7 @@ def service(ckpts, http_downstream):
         composed = build_app({**base, "defenses": STACK,
                               "downstream": {"kind": "checkpoint", "path": ckpts["classifier"], "num_cpus": 0.25,
                                              "max_batch_size": 4}})
-        # Replica start-up (importing torch) dominates this file's runtime: start all three apps at once.
+        # Replica start-up (importing torch) dominates this file's runtime: start both apps at once (the CLI's comes next).
         serve.run_many([RunTarget(guard, "guard", "/g"), RunTarget(composed, "composed", "/c")],
                        wait_for_applications_running=False)
         cli_args = argparse.Namespace(
@@ -402,6 +402,8 @@ def test_builder_args_and_config_errors(ckpts, tmp_path) -> None:
     # serve run passes strings: read as YAML, dotted keys reach sections
     a = app_args_from_mapping({"restorer": r, "max_batch_size": "8", "downstream.kind": "none", "resize": "resize"})
     assert a.max_batch_size == 8 and a.downstream.kind == "none" and a.resize == "resize"
+    assert a.restorer_max_ongoing_requests == 32  # a floor: a tiny limit makes Serve's router back off
+    assert app_args_from_mapping({"restorer": r, "max_batch_size": 64}).restorer_max_ongoing_requests == 128
     assert build_app({"restorer": r, "downstream.kind": "none"}) is not None
     with pytest.raises(ConfigError, match="unknown option"):
         app_args_from_mapping({"restorer": r, "max_batchsize": 8})

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     s.add_argument("--image-column", default="image", help="parquet column holding encoded image bytes")
     s.add_argument("--resize", default="reject", choices=["reject", "resize"], help="policy for off-size images")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs (and torch threads) per actor")
+    s.add_argument("--retry-errors", action="store_true",
+                   help="on resume, process the inputs the manifest lists as errors again (default: they are done)")
     s.add_argument("--defenses", default=None, metavar="SPEC",
                    help="defence stack: a YAML file holding a list, or an inline YAML/JSON list such as "
                         "'[{name: bit_depth, bits: 4}, trn, {name: gcm}]'; input transforms and trn make the images, "

@@ -141,7 +141,9 @@ def _gray_box(guard: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps
     x_adv = torch.cat(out)
     if cfg.cache:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"x_adv": x_adv.contiguous()}, str(path))
+        tmp = path.with_name(path.name + ".tmp")  # write then rename: a killed run never leaves a truncated cache
+        save_file({"x_adv": x_adv.contiguous()}, str(tmp))
+        tmp.replace(path)
     return x_adv
 
 
@@ -174,7 +176,7 @@ def _adaptive_pipelines(guard: nn.Module, r: Restorer) -> dict[str, nn.Module]:
     """Kind -> the pipeline an adaptive attacker differentiates (see the module docstring)."""
     out = {"e2e": Pipeline(guard, lambda x: r(x, create_graph=True))}
     if r.net.cfg.two_stream:
-        out["gconst"] = Pipeline(guard, lambda x: r.net(x, r.gradient_map(x)))  # map detached: a constant
+        out["gconst"] = Pipeline(guard, r)  # create_graph=False: the map is recomputed but detached, a constant
     out["bpda"] = Pipeline(guard, bpda(r))
     return out
 

@@ -4,14 +4,17 @@ Rows are defences and stacks built from config (:func:`~trn.defenses.stack.build
 TRN -> classifier wrappers), optionally around another classifier checkpoint (the GFA and adversarially trained
 guards). Columns, all at one Linf budget ``eps``:
 
-* **clean** and **gray-box** FGSM / PGD-40 / CW-L2 on ``n`` seeded test images. Gray-box images are crafted once on
+* **clean** and **gray-box** FGSM / PGD-40 / CW-L2 on ``n`` seeded test images (None: the full test set), and the
+  gray-box PGD eps sweep on ``n_subset`` of them (a cheaper seeded subset). Gray-box images are crafted once on
   the undefended guard (the attacker does not know about the defence) and shared by every row; for rows with their
   own classifier (GFA, adversarial training) they are therefore transfer attacks. Cached on disk like
   :mod:`trn.evaluate` does (same cache keys, so the two evaluations can share one cache).
-* **white-box** PGD through the whole defended model on ``n_adaptive`` of those images, in up to three variants:
+* **white-box** PGD through the whole defended model on ``n_adaptive`` of the ``n_subset`` images, in up to four
+  variants:
   ``naive`` (autograd through everything as built: what a careless evaluation reports; run only where it differs),
   ``e2e`` (autograd through every differentiable part -- the TRN including its gradient-map estimation --, BPDA where
-  the gradient is shattered or zero: bit depth, GCM; EOT over ``eot_samples`` draws where the output is random: UniG)
+  the gradient is shattered or zero: bit depth, GCM; EOT over ``eot_samples`` draws where the output is random: UniG),
+  ``gconst`` (``e2e`` with each TRN's gradient map held constant in the backward pass; rows with a two-stream TRN)
   and ``bpda`` (the whole input side treated as the identity in the backward pass). **adaptive** is the per-image
   worst case over the variants run: an image counts as robust only if every attack failed on it.
 * **Square**: the score-based black-box attack (logits only, ``square_queries`` queries) on ``n_square`` of the
@@ -29,7 +32,8 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ from trn.classifiers import load_classifier
 from trn.config import from_dict, to_dict
 from trn.data import load_dataset
 from trn.defenses.base import bpda_policy
-from trn.defenses.stack import DefenseStack, build_defense_stack, parse_defense_spec
+from trn.defenses.stack import DefenseStack, RestorerStage, build_defense_stack, parse_defense_spec
 from trn.errors import ConfigError
 from trn.evaluate import ATTACK_LABELS, _accuracy, _digest, _gray_box, make_attack
 from trn.utils import batches, pick_device, seed_everything
@@ -61,8 +65,8 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 
-VARIANTS = ("naive", "e2e", "bpda")
-_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "bpda": "all"}
+VARIANTS = ("naive", "e2e", "gconst", "bpda")
+_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "gconst": "nondifferentiable", "bpda": "all"}
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ class DefenseEvalConfig:
     restorer: str = "checkpoints/trn_fmnist"     # the TRN of 'trn' entries that name no checkpoint
     rows: list[DefenseRow] = field(default_factory=_default_rows)
     skip_missing: bool = True                    # skip (and list) rows whose checkpoint does not exist yet
-    n: int = 1000                                # seeded test subset: clean and gray-box columns, eps sweep
-    n_adaptive: int = 200                        # white-box columns: a seeded subset of those n
+    n: int | None = 1000                         # seeded test subset for the clean and gray-box columns (None: all)
+    n_subset: int = 1000                         # seeded test subset for the eps sweep; white-box images come from it
+    n_adaptive: int = 200                        # white-box columns: a seeded subset of the n_subset images
     n_square: int = 100                          # Square column: a seeded subset of the n_adaptive images
     seed: int = 0
     eps: float = 0.1                             # Linf budget of every column
@@ -119,12 +124,13 @@ class DefenseEvalConfig:
     resume: bool = True                          # reuse finished cells from out_dir/state.json
 
     def __post_init__(self) -> None:
-        for name in ("n", "n_adaptive", "n_square", "adaptive_steps", "eot_samples", "square_queries", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("n", "n_subset", "n_adaptive", "n_square", "adaptive_steps", "eot_samples", "square_queries",
+                     "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.n_square <= self.n_adaptive <= self.n:
-            raise ConfigError(f"need n_square <= n_adaptive <= n (nested subsets), got {self.n_square}, "
-                              f"{self.n_adaptive}, {self.n}")
+        if not self.n_square <= self.n_adaptive <= self.n_subset:
+            raise ConfigError(f"need n_square <= n_adaptive <= n_subset (nested subsets), got {self.n_square}, "
+                              f"{self.n_adaptive}, {self.n_subset}")
         if not 0 < self.eps <= 1 or any(not 0 < e <= 1 for e in self.eps_sweep):
             raise ConfigError(f"eps and eps_sweep must lie in (0, 1], got {self.eps}, {self.eps_sweep}")
         names = [r.name for r in self.rows]
@@ -258,18 +264,37 @@ def _variants(model: DefenseStack, naive: bool) -> list[str]:
         out.append("naive")
     out.append("e2e")
     stages = model.preprocessor.stages
+    if any(isinstance(s, RestorerStage) and s.has_map for s in stages):
+        out.append("gconst")
     if any(getattr(s, "differentiable", True) for s in stages):  # BPDA on the whole input side differs from e2e
         out.append("bpda")
     return out
 
 
+@contextmanager
+def _holding_maps(model: nn.Module, on: bool) -> Iterator[None]:
+    """Temporarily set ``hold_map`` on every TRN stage of ``model`` (a no-op when ``on`` is False)."""
+    stages = [m for m in model.modules() if isinstance(m, RestorerStage)] if on else []
+    before = [m.hold_map for m in stages]
+    for m in stages:
+        m.hold_map = True
+    try:
+        yield
+    finally:
+        for m, held in zip(stages, before, strict=True):
+            m.hold_map = held
+
+
 def whitebox_correct(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, variant: str, eps: float,
                      steps: int = 40, alpha: float | None = None, eot_samples: int = 8, batch_size: int = 250,
                      seed: int = 0, device: torch.device | str = "cpu", desc: str = "") -> torch.Tensor:
-    """Per-image correctness of ``model`` under a white-box PGD variant (``naive``, ``e2e`` or ``bpda``).
+    """Per-image correctness of ``model`` under a white-box PGD variant (``naive``, ``e2e``, ``gconst`` or ``bpda``).
 
-    The attack differentiates the model with the variant's BPDA policy (and EOT for ``e2e``/``bpda`` when the model
-    is random); the returned correctness is that of the real defended model on the adversarial images.
+    ``gconst`` is ``e2e`` with every TRN's gradient map recomputed at each step but held constant in the backward
+    pass (see :class:`~trn.defenses.stack.RestorerStage`).
+
+    The attack differentiates the model with the variant's BPDA policy (and EOT for every variant but ``naive`` when
+    the model is random); the returned correctness is that of the real defended model on the adversarial images.
 
     Returns:
         (N,) bool tensor on the CPU.
@@ -281,7 +306,7 @@ def whitebox_correct(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, vari
     out = []
     for s in tqdm(list(batches(len(x), batch_size)), desc=desc or f"white-box {variant}", leave=False):
         xb, yb = x[s].to(device), y[s].to(device)
-        with bpda_policy(model, _POLICY[variant]):
+        with bpda_policy(model, _POLICY[variant]), _holding_maps(model, variant == "gconst"):
             x_adv = atk(view, xb, yb)
         with torch.no_grad():
             out.append((model(x_adv).argmax(1) == yb).cpu())
@@ -357,9 +382,10 @@ def run_defense_evaluation(cfg: DefenseEvalConfig) -> DefenseReport:
         p.requires_grad_(False)
     test = load_dataset(cfg.dataset, cfg.data_dir, "test")
     main = test.subset(cfg.n, cfg.seed)
-    idx_adv = _subset_index(len(main), cfg.n_adaptive, cfg.seed)
+    sub = test.subset(cfg.n_subset, cfg.seed)  # the same images as main when n == n_subset
+    idx_adv = _subset_index(len(sub), cfg.n_adaptive, cfg.seed)
     idx_sq_in_adv = _subset_index(len(idx_adv), cfg.n_square, cfg.seed + 1)
-    x_adv_set, y_adv_set = main.images[idx_adv], main.labels[idx_adv]
+    x_adv_set, y_adv_set = sub.images[idx_adv], sub.labels[idx_adv]
     x_sq, y_sq = x_adv_set[idx_sq_in_adv], y_adv_set[idx_sq_in_adv]
 
     loaded: list[torch.Tensor] = []
@@ -378,14 +404,19 @@ def run_defense_evaluation(cfg: DefenseEvalConfig) -> DefenseReport:
     gray: dict[str, torch.Tensor] = {"clean": main.images}
     for name in cfg.gray_box:
         gray[name] = _gray_box(guard, main.images, main.labels, name, cfg.eps, cfg, cache_dir, tag, device)
-    sweep_imgs = {e: (gray["pgd"] if e == cfg.eps and "pgd" in gray else
-                      _gray_box(guard, main.images, main.labels, "pgd", e, cfg, cache_dir, tag, device))
+    same = len(sub) == len(main)
+    sweep_imgs = {e: (gray["pgd"] if same and e == cfg.eps and "pgd" in gray else
+                      _gray_box(guard, sub.images, sub.labels, "pgd", e, cfg, cache_dir, tag, device))
                   for e in cfg.eps_sweep}
 
-    data = _EvalData(main.labels, gray, sweep_imgs, x_adv_set, y_adv_set, x_sq, y_sq, idx_sq_in_adv,
-                     {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "n": len(main), "seed": cfg.seed,
-                      "eps": cfg.eps, "batch_size": cfg.batch_size})
-    results: dict = {"config": to_dict(cfg), "n": len(main), "n_adaptive": len(idx_adv), "n_square": len(x_sq),
+    def common(n: int) -> dict:  # what every cell computed on n images depends on besides its own settings
+        return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "n": n, "seed": cfg.seed, "eps": cfg.eps,
+                "batch_size": cfg.batch_size}
+
+    data = _EvalData(main.labels, gray, sub.labels, sweep_imgs, x_adv_set, y_adv_set, x_sq, y_sq, idx_sq_in_adv,
+                     common(len(main)), common(len(sub)))
+    results: dict = {"config": to_dict(cfg), "n": len(main), "n_subset": len(sub), "n_adaptive": len(idx_adv),
+                     "n_square": len(x_sq),
                      "eps": cfg.eps, "rows": {}, "skipped": skipped, "table": {}, "whitebox": {}, "square": {},
                      "sweep": {str(e): {"pgd": {}} for e in cfg.eps_sweep}, "adaptive": {str(cfg.eps): {}},
                      "notes": [], "seconds": {}}
@@ -417,34 +448,37 @@ class _EvalData:
 
     labels: torch.Tensor                      # (n,)
     gray: dict[str, torch.Tensor]             # "clean" / attack name -> (n, C, H, W) gray-box images
-    sweep: dict[float, torch.Tensor]          # eps -> gray-box PGD images
+    sweep_labels: torch.Tensor                # (n_subset,)
+    sweep: dict[float, torch.Tensor]          # eps -> (n_subset, C, H, W) gray-box PGD images
     x_adv: torch.Tensor                       # (n_adaptive, C, H, W) white-box subset
     y_adv: torch.Tensor
     x_sq: torch.Tensor                        # (n_square, C, H, W) Square subset (of the white-box subset)
     y_sq: torch.Tensor
     sq_in_adv: torch.Tensor                   # positions of the Square images in the white-box subset
-    common: dict                              # settings every cell key includes
+    common: dict                              # settings the keys of cells on the n images include
+    common_subset: dict                       # the same for cells on the n_subset images (and subsets of them)
 
 
 def _evaluate_row(row: _Row, cfg: DefenseEvalConfig, data: _EvalData, cells: _Cells, device: torch.device) -> dict:
     """Every column of one row (finished cells come from ``cells``)."""
     model, secs = row.model, {}
 
-    def cell(column: str, key: list, fn: Callable[[], Any]) -> Any:
+    def cell(column: str, key: list, fn: Callable[[], Any], on_subset: bool = True) -> Any:
         t0 = time.time()
-        value = cells.get([row.fingerprint, column, data.common, *key], fn)
+        value = cells.get([row.fingerprint, column, data.common_subset if on_subset else data.common, *key], fn)
         secs[column] = round(time.time() - t0, 1)
         return value
 
-    def accuracy(imgs: torch.Tensor) -> Callable[[], float]:
-        return lambda: _accuracy(model, imgs, data.labels, cfg.batch_size, device)
+    def accuracy(imgs: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+        return lambda: _accuracy(model, imgs, labels, cfg.batch_size, device)
 
     table: dict[str, float | None] = {}
     for name, imgs in data.gray.items():
         table[name] = cell(name, [make_attack(name, cfg.eps, cfg).params() if name != "clean" else None],
-                           accuracy(imgs))
-    sweep = {e: table["pgd"] if e == cfg.eps and "pgd" in table else
-             cell(f"sweep {e:g}", [make_attack("pgd", e, cfg).params()], accuracy(imgs))
+                           accuracy(imgs, data.labels), on_subset=False)
+    same = data.common == data.common_subset
+    sweep = {e: table["pgd"] if same and e == cfg.eps and "pgd" in table else
+             cell(f"sweep {e:g}", [make_attack("pgd", e, cfg).params()], accuracy(imgs, data.sweep_labels))
              for e, imgs in data.sweep.items()}
 
     wb: dict[str, float | None] = {v: None for v in VARIANTS}
@@ -523,6 +557,11 @@ def _flags(name: str, wb: dict, square: float, adaptive_on_sq: float, margin: fl
     return notes
 
 
+def _images(results: dict) -> str:
+    n = results["n"]
+    return f"the full test set ({n} images)" if results["config"].get("n") is None else f"{n} seeded test images"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -536,11 +575,13 @@ def render_defense_markdown(results: dict, cfg: DefenseEvalConfig) -> str:
     lines = [
         f"### Defences, Linf eps = {cfg.eps} (accuracy %)",
         "",
-        (f"Clean and gray-box columns: {results['n']} seeded test images; gray-box attacks are crafted on the "
+        (f"Clean and gray-box columns: {_images(results)}; gray-box attacks are crafted on the "
          f"undefended guard and transferred to every row (CW-L2 budget {l2:g}). White-box: PGD-{cfg.adaptive_steps} "
-         f"through the whole defended model on {results['n_adaptive']} of them; adaptive = per-image worst case over "
+         f"through the whole defended model on {results['n_adaptive']} seeded test images (of the "
+         f"{results.get('n_subset', results['n'])} of the eps sweep); adaptive = per-image worst case over "
          f"end-to-end (BPDA for shattered/zero gradients, EOT over {cfg.eot_samples} draws for random outputs), "
-         f"BPDA through the whole input side, and the naive attack. Square: score-based black-box on "
+         f"end-to-end with the TRN's gradient map held constant, BPDA through the whole input side, and the naive "
+         f"attack. Square: score-based black-box on "
          f"{results['n_square']} of the white-box images (median queries over the images it turned from right to "
          f"wrong)."),
         "",
@@ -551,14 +592,14 @@ def render_defense_markdown(results: dict, cfg: DefenseEvalConfig) -> str:
     for name, t in results["table"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(t.get(c)) for c in cols) + " |")
     lines += ["", f"#### White-box detail ({results['n_adaptive']} images) and Square queries", "",
-              ("| defence | pipeline | naive | end-to-end | BPDA (input side) | adaptive | Square | "
+              ("| defence | pipeline | naive | end-to-end | map held constant | BPDA (input side) | adaptive | Square | "
                "Square median queries |"),
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, wb in results["whitebox"].items():
         sq = results["square"][name]
         mq = sq["median_queries_success"]
         lines.append(f"| {name} | {results['rows'][name]['description']} | {_pct(wb['naive'])} | {_pct(wb['e2e'])} | "
-                     f"{_pct(wb['bpda'])} | {_pct(wb['adaptive'])} | {_pct(sq['accuracy'])} | "
+                     f"{_pct(wb.get('gconst'))} | {_pct(wb['bpda'])} | {_pct(wb['adaptive'])} | {_pct(sq['accuracy'])} | "
                      f"{'n/a' if mq is None else f'{mq:.0f}'} |")
     if results["notes"]:
         lines += ["", "**Warnings**", ""] + [f"- {n}" for n in results["notes"]]

@@ -13,7 +13,7 @@ Forward is split the way it reads: :meth:`TRN.encode_image`, :meth:`TRN.encode_g
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,3 @@ def create_trn(name: str = "trn_small_28", **overrides) -> TRN:
         return TRN(_VARIANTS[name](**overrides))
     except TypeError as e:
         raise ConfigError(f"bad TRN option for {name!r}: {e}") from e
-
-
-def config_dict(model: TRN) -> dict:
-    return asdict(model.cfg)

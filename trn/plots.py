@@ -73,7 +73,7 @@ def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -
     ax.set_ylabel(f"accuracy under {attack.upper()} (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower left")
+    ax.legend(fontsize=6.5, loc="center right")  # the adaptive points sit low at the middle eps
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -917,6 +917,7 @@ def run_sanitize_command(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, checkpoint=args.checkpoint, workers=args.workers,
         batch_size=args.batch_size, num_gpus=args.num_gpus, image_column=args.image_column, resize=args.resize,
         address=args.address, defenses=getattr(args, "defenses", None),
+        cpus_per_worker=getattr(args, "cpus_per_worker", 1.0), retry_errors=getattr(args, "retry_errors", False),
     )
     report = sanitize(cfg)
     print(report.summary())

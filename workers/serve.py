@@ -289,7 +289,7 @@ def _probabilities(out: torch.Tensor) -> torch.Tensor:
         out = out[None]
     if out.ndim != 2:
         raise InputError(f"classifier output must be (N, num_classes), got shape {tuple(out.shape)}")
-    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4):
+    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(len(out), device=out.device), atol=1e-4):
         return out
     return torch.softmax(out, dim=1)
 
@@ -785,9 +785,15 @@ def run_serve_command(args: Any) -> int:
         else:
             ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
             started_ray = True
-    app = build_app(cfg.app)  # again, now that the cluster's GPUs are known (num_gpus defaults)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    try:
+        app = build_app(cfg.app)  # again, now that the cluster's GPUs are known (num_gpus defaults)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    except BaseException:
+        if started_ray:  # do not leave a half-started local Ray behind
+            serve.shutdown()
+            ray.shutdown()
+        raise
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     log.info("TRN service %r ready: %s/v1/restore, %s/docs (Serve keeps the HTTP options it was first started "
              "with on a running cluster)", cfg.app_name, url, url)

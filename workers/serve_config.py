@@ -78,8 +78,7 @@ class AutoscalingArgs:
                               f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
 
     def to_ray(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return d
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class DownstreamArgs:
     device: str = "auto"
     num_replicas: int = 1
     num_cpus: float = 0.5
-    num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
+    num_gpus: float | None = None  # None: 0.5 per replica (sharing a GPU with a restorer) if the cluster has GPUs
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
 
@@ -137,13 +136,15 @@ class AppArgs:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
     # Requests one restorer replica holds at once; must be >= max_batch_size or batches never fill.
-    # None: 2 * max_batch_size (one batch running, one filling).
+    # None: 2 * max_batch_size (one batch running, one filling), at least 32: when every replica is full, Serve's
+    # router backs off and retries, and a small limit collapses throughput (max_batch_size 1 with a limit of 2:
+    # 9 req/s at 32 clients against 90 with 64, benchmarks/bench_serve.py on 2 cores).
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 1024  # per caller, beyond which requests get 503 (load shedding); -1: no limit
     num_replicas: int = 1  # ignored when autoscaling is set
     autoscaling: AutoscalingArgs | None = None
     num_cpus: float = 1.0  # Ray logical CPUs per restorer replica (also its torch thread count, see torch_threads)
-    num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
+    num_gpus: float | None = None  # None: 1 per replica if the cluster has GPUs (0.5 with a deployed downstream)
     torch_threads: int | None = None  # None: max(1, int(num_cpus))
     health_check_period_s: float = 10.0
     # Input limits, enforced in the ingress (the HTTP handlers) before anything reaches the model.
@@ -189,7 +190,7 @@ class AppArgs:
 
     @property
     def restorer_max_ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 32)
 
     @property
     def threads(self) -> int:

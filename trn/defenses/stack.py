@@ -140,8 +140,10 @@ class RestorerStage(nn.Module):
     """A TRN restorer as an input-side stage.
 
     Gradients go through the restorer (including its gradient-map estimation, ``create_graph=True``) whenever the
-    caller differentiates w.r.t. the input, which is what an end-to-end adaptive attack needs; ``bpda=True`` uses the
-    identity in the backward pass instead (the BPDA attack on the purifier).
+    caller differentiates w.r.t. the input, which is what an end-to-end adaptive attack needs; ``hold_map=True``
+    recomputes the gradient map but holds it constant in the backward pass (the stronger adaptive attack on a ReLU
+    guard, whose map is piecewise constant in the input); ``bpda=True`` uses the identity in the backward pass
+    instead (the BPDA attack on the purifier).
     """
 
     differentiable = True
@@ -150,7 +152,7 @@ class RestorerStage(nn.Module):
         super().__init__()
         if not callable(restorer):
             raise ConfigError(f"the 'trn' stage needs a callable restorer, got {type(restorer).__name__}")
-        self.restorer, self.bpda = restorer, bool(bpda)
+        self.restorer, self.bpda, self.hold_map = restorer, bool(bpda), False
         fwd = restorer.forward if isinstance(restorer, nn.Module) else restorer
         try:
             self._takes_create_graph = "create_graph" in inspect.signature(fwd).parameters
@@ -168,7 +170,13 @@ class RestorerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bpda:
             return self.bpda_forward(x)
-        return self._restore(x, torch.is_grad_enabled() and x.requires_grad)
+        return self._restore(x, not self.hold_map and torch.is_grad_enabled() and x.requires_grad)
+
+    @property
+    def has_map(self) -> bool:
+        """Whether the restorer reads a gradient map (so that holding it constant is a distinct attack)."""
+        net = getattr(self.restorer, "net", None)
+        return self._takes_create_graph and bool(getattr(getattr(net, "cfg", None), "two_stream", False))
 
     def extra_repr(self) -> str:
         return f"bpda={self.bpda}"

@@ -4,7 +4,8 @@ Two robust-training options, both baselines for the defence table (``trn eval-de
 
 * ``regularizer: gfa``: DeepDefense gradient-feature alignment (:mod:`trn.defenses.gfa`),
   ``loss = CE + gfa_lambda * sum_l (1 - cos(dL/dh_l, h_l))`` over ``gfa_layers`` (``first``: the input; ``deep``:
-  the input and every conv block). Costs about 4.5 plain steps for FIRST (double backward; measured on the 2-core CPU), ~7 for DEEP.
+  the input and every conv block). A step costs about 4.5 plain steps for FIRST (double backward; measured on
+  the 2-core CPU), ~7 for DEEP.
 * ``adv_train: pgd``: Madry et al. (2018) adversarial training, ``min_theta E max_{||d||_inf <= adv_eps} CE``: each
   batch is replaced by its PGD-``adv_steps`` adversarial version (random start, model in eval mode while attacking)
   and the model is trained on those alone. Costs about ``adv_steps + 1`` plain steps.

@@ -262,7 +262,7 @@ def test_bad_settings(model: TinyNet, x: torch.Tensor) -> None:
         GradientMapEstimator(scale="rms")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="top-k"):
         GradientMapEstimator(k=0)
-    assert MODES == ("argmax", "topk", "oracle", "dual")
+    assert MODES == ("argmax", "topk", "hybrid", "oracle", "dual")
 
 
 def test_bad_images(model: TinyNet, x: torch.Tensor) -> None:
@@ -313,6 +313,37 @@ def test_dual_create_graph_is_both_maps_create_graph(model: TinyNet, x: torch.Te
 def test_map_channels() -> None:
     from trn.gradients import map_channels
 
-    assert [map_channels(m, 3) for m in ("argmax", "topk", "oracle", "dual")] == [3, 3, 3, 6]
+    assert [map_channels(m, 3) for m in ("argmax", "topk", "hybrid", "oracle", "dual")] == [3, 3, 3, 3, 6]
     with pytest.raises(ConfigError, match="unknown gradient-map mode 'soft'"):
         map_channels("soft", 1)
+
+
+@pytest.mark.parametrize("confidence", [0.3, 0.5, 0.9])
+def test_hybrid_is_argmax_where_unsure_and_topk_elsewhere(model: TinyNet, x: torch.Tensor, confidence: float) -> None:
+    x = torch.cat([x, x * 0.1])  # more varied confidence
+    top1 = _probs(model, x).amax(1)
+    g = estimate_gradient_map(x, model, mode="hybrid", k=3, confidence=confidence)
+    ga = estimate_gradient_map(x, model, mode="argmax")
+    gt = estimate_gradient_map(x, model, mode="topk", k=3)
+    unsure = top1 < confidence
+    torch.testing.assert_close(g[unsure], ga[unsure])
+    torch.testing.assert_close(g[~unsure], gt[~unsure])
+    assert g.shape == x.shape
+
+
+def test_hybrid_switches_by_confidence_and_is_differentiable(model: TinyNet, x: torch.Tensor) -> None:
+    # confidence 1 (every sample is unsure): the argmax map; a tiny threshold (none is): the top-k map
+    torch.testing.assert_close(estimate_gradient_map(x, model, mode="hybrid", confidence=1.0),
+                               estimate_gradient_map(x, model, mode="argmax"))
+    torch.testing.assert_close(estimate_gradient_map(x, model, mode="hybrid", confidence=1e-6),
+                               estimate_gradient_map(x, model, mode="topk"))
+    xg = x.clone().requires_grad_(True)
+    g = estimate_gradient_map(xg, model, mode="hybrid", create_graph=True)
+    (h,) = torch.autograd.grad((g * x).sum(), xg)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
+    est = GradientMapEstimator(mode="hybrid", confidence=0.7)
+    assert est.settings() == {"mode": "hybrid", "k": 3, "scale": "std", "confidence": 0.7}
+    assert "confidence" not in GradientMapEstimator().settings()  # topk checkpoints' metadata unchanged
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ConfigError, match="confidence threshold must lie in"):
+            GradientMapEstimator(mode="hybrid", confidence=bad)  # type: ignore[arg-type]

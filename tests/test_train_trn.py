@@ -162,33 +162,48 @@ def test_init_from_refuses_another_architecture_or_guard(setup: dict, tmp_path: 
 def test_shipped_configs_load() -> None:
     cfg = load_config(TRNTrainConfig, ROOT / "configs" / "trn_fmnist.yaml")
     assert cfg.two_stream and cfg.out == "checkpoints/trn_fmnist" and cfg.guard == "checkpoints/fmnist_guard"
+    # the shipped TRN is a short hybrid-map fine-tune (stage 3) of the top-k TRN
+    topk = load_config(TRNTrainConfig, ROOT / "configs" / "trn_fmnist_topk.yaml")
+    assert cfg.estimator_mode == "hybrid" and topk.estimator_mode == "topk" and cfg.init_from == topk.out
+    stage3 = {"estimator_mode", "estimator_confidence", "epochs", "limit_train", "lr", "seed", "out", "init_from"}
+    assert {k: v for k, v in to_dict(cfg).items() if k not in stage3} == \
+        {k: v for k, v in to_dict(topk).items() if k not in stage3}
+    # each two-stage ablation differs from the top-k TRN in one thing (and its paths)
+    unused = {"estimator_mode", "estimator_k", "estimator_scale", "estimator_confidence"}  # no gradient stream
     ablations = {"trn_fmnist_onestream": {"two_stream": False}, "trn_fmnist_argmax": {"estimator_mode": "argmax"}}
-    unused = {"estimator_mode", "estimator_k", "estimator_scale"}  # a net without a gradient stream never reads them
-    for name, changed in ablations.items():  # each ablation differs from the TRN in one thing (and its paths)
+    for name, changed in ablations.items():
         ab = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}.yaml")
-        diff = {k: v for k, v in to_dict(ab).items() if v != getattr(cfg, k)}
+        diff = {k: v for k, v in to_dict(ab).items() if v != getattr(topk, k)}
         if not ab.two_stream:
             diff = {k: v for k, v in diff.items() if k not in unused}
         assert diff == {**changed, "out": f"checkpoints/{name}", "init_from": f"runs/{name}_stage1"}
-    for c in ("trn_fmnist", *ablations):  # stage 2 starts from what its stage-1 config writes
+    stage1_of = {"trn_fmnist_topk": "trn_fmnist_stage1", "trn_fmnist_onestream": "trn_fmnist_onestream_stage1",
+                 "trn_fmnist_argmax": "trn_fmnist_argmax_stage1"}
+    for c, s1 in stage1_of.items():  # stage 2 starts from what its stage-1 config writes, with the same settings
         stage2 = load_config(TRNTrainConfig, ROOT / "configs" / f"{c}.yaml")
-        stage1 = load_config(TRNTrainConfig, ROOT / "configs" / f"{c}_stage1.yaml")
+        stage1 = load_config(TRNTrainConfig, ROOT / "configs" / f"{s1}.yaml")
         assert stage1.out == stage2.init_from and stage1.init_from is None
-        assert to_dict(stage1) | {"epochs": 0, "lr": 0, "guard_weight": 0, "seed": 0, "out": "", "init_from": None} == \
-            to_dict(stage2) | {"epochs": 0, "lr": 0, "guard_weight": 0, "seed": 0, "out": "", "init_from": None}
+        free = {"epochs", "lr", "guard_weight", "seed", "out", "init_from"}
+        assert {k: v for k, v in to_dict(stage1).items() if k not in free} == \
+            {k: v for k, v in to_dict(stage2).items() if k not in free}
 
 
-@pytest.mark.parametrize("name", ["trn_fmnist", "trn_fmnist_onestream", "trn_fmnist_argmax"])
+@pytest.mark.parametrize("name", ["trn_fmnist", "trn_fmnist_onestream", "trn_fmnist_argmax", "trn_fmnist_topk"])
 def test_shipped_checkpoints_were_made_by_their_configs(name: str) -> None:
     """The config each shipped TRN records is its config file (fields added since take their defaults)."""
     meta = json.loads((ROOT / "checkpoints" / f"{name}.json").read_text())
     recorded = from_dict(TRNTrainConfig, meta["config"])
     shipped = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}.yaml")
-    renamed = {"out", "init_from"} if name == "trn_fmnist_argmax" else set()  # trained under the main TRN's names
-    assert {k: v for k, v in to_dict(recorded).items() if k not in renamed} == \
-        {k: v for k, v in to_dict(shipped).items() if k not in renamed}
+    # trained under other names (argmax and top-k: the main TRN's), and resume is how a run was started, not what
+    # it trained
+    renamed = {"trn_fmnist_argmax": {"out", "init_from"}, "trn_fmnist_topk": {"out"}}
+    skip = renamed.get(name, set()) | {"resume"}
+    assert {k: v for k, v in to_dict(recorded).items() if k not in skip} == \
+        {k: v for k, v in to_dict(shipped).items() if k not in skip}
+    # the checkpoint it started from: stage 1, or for the TRN the top-k TRN (trained under the TRN's name)
     stage1 = from_dict(TRNTrainConfig, meta["init_from"]["config"])
-    stage1_file = load_config(TRNTrainConfig, ROOT / "configs" / f"{name}_stage1.yaml")
+    prev = {"trn_fmnist": "trn_fmnist_topk", "trn_fmnist_topk": "trn_fmnist_stage1"}.get(name, f"{name}_stage1")
+    stage1_file = load_config(TRNTrainConfig, ROOT / "configs" / f"{prev}.yaml")
     assert {k: v for k, v in to_dict(stage1).items() if k != "out"} == \
         {k: v for k, v in to_dict(stage1_file).items() if k != "out"}
     assert meta["guard"]["path"] == shipped.guard and meta["trn"]["two_stream"] == shipped.two_stream

@@ -57,6 +57,7 @@ class EvalConfig:
     ablations: dict[str, str] = field(default_factory=lambda: {      # row name -> restorer checkpoint trained the
         "TRN one-stream (ablation)": "checkpoints/trn_fmnist_onestream",   # same way, with one thing changed
         "TRN argmax estimation (ablation)": "checkpoints/trn_fmnist_argmax",
+        "TRN top-k estimation (ablation)": "checkpoints/trn_fmnist_topk",
     })
     estimator_ablation: list[str] = field(default_factory=list)  # extra rows: the same net fed another map mode
     oracle: bool = True                      # TRN fed the true-label gradient (ablation only)
@@ -190,7 +191,7 @@ def _defences(cfg: EvalConfig, guard: nn.Module, device: torch.device) -> tuple[
     for mode in cfg.estimator_ablation:
         if trn.net.cfg.two_stream and map_channels(mode, trn.net.cfg.in_channels) != trn.net.map_channels:
             raise ConfigError(f"estimator_ablation {mode!r} gives maps the restorer's network cannot read")
-        est = GradientMapEstimator(mode, trn.estimator.k, trn.estimator.scale)
+        est = GradientMapEstimator(mode, trn.estimator.k, trn.estimator.scale, trn.estimator.confidence)
         rows[f"TRN (estimation: {mode})"] = lambda x, est=est: guard(trn.net(x, est(x, trn.guard)))
     for name, path in cfg.ablations.items():
         r = Restorer.load(path, device)

@@ -42,9 +42,10 @@ class TRNTrainConfig:
     guard: str = "checkpoints/fmnist_guard"   # frozen guard classifier checkpoint
     arch: str = "trn_small_28"                 # model.create_trn variant
     two_stream: bool = True                    # False trains the one-stream ablation the same way
-    estimator_mode: str = "topk"               # gradients.estimate_gradient_map mode (argmax|topk)
+    estimator_mode: str = "topk"               # gradients.estimate_gradient_map mode (argmax|topk|hybrid)
     estimator_k: int = 3
     estimator_scale: str = "std"
+    estimator_confidence: float = 0.6          # hybrid: argmax map below this top-1 probability, topk above
     attacks: list[str] = field(default_factory=lambda: list(_TRAIN_ATTACKS))
     eps_min: float = 0.02                      # Linf budgets drawn uniformly from [eps_min, eps_max] per chunk
     eps_max: float = 0.22
@@ -173,7 +174,8 @@ def train_trn(cfg: TRNTrainConfig) -> Restorer:
     train = load_dataset(cfg.dataset, cfg.data_dir, "train").subset(cfg.limit_train, cfg.seed)
     test = load_dataset(cfg.dataset, cfg.data_dir, "test").subset(cfg.val_size, cfg.seed + 1)
     c = train.shape[0]
-    estimator = GradientMapEstimator(cfg.estimator_mode, cfg.estimator_k, cfg.estimator_scale)
+    estimator = GradientMapEstimator(cfg.estimator_mode, cfg.estimator_k, cfg.estimator_scale,
+                                     cfg.estimator_confidence)
     m = map_channels(cfg.estimator_mode, c) if cfg.two_stream else c
     net = create_trn(cfg.arch, in_channels=c, two_stream=cfg.two_stream, grad_channels=0 if m == c else m)
     restorer = Restorer.from_guard_checkpoint(cfg.guard, net, estimator, device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.checkpoint import checkpoint_digest, checkpoint_paths, load_checkpoint, save_checkpoint
 from trn.errors import CheckpointError
 
 
@@ -91,3 +91,13 @@ def test_corrupt_metadata(tmp_path: Path, text: str, message: str) -> None:
 def test_metadata_is_plain_json(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c", {"w": torch.zeros(1)}, {"b": 1, "a": 2})
     assert json.loads((tmp_path / "c.json").read_text()) == {"a": 2, "b": 1}
+
+
+def test_digest_follows_the_tensors_not_the_metadata(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "a", {"w": torch.zeros(3)}, {"note": "one"})
+    d = checkpoint_digest(tmp_path / "a")
+    assert len(d) == 16 and len(checkpoint_digest(tmp_path / "a.safetensors", 12)) == 12
+    save_checkpoint(tmp_path / "a", {"w": torch.zeros(3)}, {"note": "two"})
+    assert checkpoint_digest(tmp_path / "a") == d
+    save_checkpoint(tmp_path / "a", {"w": torch.ones(3)}, {"note": "two"})
+    assert checkpoint_digest(tmp_path / "a") != d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from trn.errors import CheckpointError
 
-__all__ = ["checkpoint_paths", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_digest", "checkpoint_paths", "load_checkpoint", "save_checkpoint"]
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -22,6 +23,11 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def checkpoint_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """Hex SHA-256 of the checkpoint's tensors file, first ``length`` digits: what caches and resumable jobs key on."""
+    return hashlib.sha256(checkpoint_paths(path)[0].read_bytes()).hexdigest()[:length]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

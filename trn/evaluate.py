@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trn.attacks import Attack, create_attack
+from trn.checkpoint import checkpoint_digest
 from trn.classifiers import load_classifier
 from trn.config import to_dict
 from trn.data import load_dataset
@@ -121,9 +122,7 @@ class EvalReport:
 
 
 def _digest(path: str) -> str:
-    from trn.checkpoint import checkpoint_paths
-
-    return hashlib.sha256(checkpoint_paths(path)[0].read_bytes()).hexdigest()[:12]
+    return checkpoint_digest(path, 12)  # 12 digits: the length existing gray-box caches are keyed with
 
 
 def _gray_box(guard: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, cfg: EvalConfig,

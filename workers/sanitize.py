@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from trn.checkpoint import checkpoint_paths
+from trn.checkpoint import checkpoint_digest, checkpoint_paths
 from trn.data import IMAGE_SUFFIXES, ImageDataset, load_npz, save_npz
 from trn.defenses.stack import RestorerStage, build_defense_stack
 from trn.errors import ConfigError, InputError, ShapeError, TRNError
@@ -655,10 +655,6 @@ class _Outputs:
 
 
 # --------------------------------------------------------------------------------------------- the job
-def _digest(checkpoint: str | os.PathLike) -> str:
-    return hashlib.sha256(checkpoint_paths(checkpoint)[0].read_bytes()).hexdigest()[:16]
-
-
 def _prepare_defenses(cfg: SanitizeConfig, restorer: Restorer) -> list[dict[str, Any]]:
     """The job's defence stack in canonical form, ``trn`` checkpoints made absolute, checked by building it once.
 
@@ -694,9 +690,9 @@ def _spec(cfg: SanitizeConfig, plan: _Plan, checkpoint: Path, defenses: list[dic
     """What must match for a rerun to resume (rather than mix two jobs in one OUTPUT)."""
     spec: dict[str, Any] = {"input": str(plan.input.resolve()), "kind": plan.kind,
                             "checkpoint": str(checkpoint_paths(checkpoint)[0].resolve()),
-                            "checkpoint_sha256": _digest(checkpoint), "resize": cfg.resize,
+                            "checkpoint_sha256": checkpoint_digest(checkpoint), "resize": cfg.resize,
                             "max_pixels": cfg.max_pixels, "defenses": defenses}
-    stack_digests = [_digest(e["checkpoint"]) for e in defenses if e["name"] == "trn" and e.get("checkpoint")]
+    stack_digests = [checkpoint_digest(e["checkpoint"]) for e in defenses if e["name"] == "trn" and e.get("checkpoint")]
     if stack_digests:
         spec["defenses_checkpoint_sha256"] = stack_digests
     if plan.kind == "parquet":

@@ -10,7 +10,9 @@ asyncio load generator in this process, so client and server share the machine -
 ``max_ongoing_requests`` (with the service's default for it, 2 * max_batch_size = 2 at the time, Serve's router kept
 backing off and the unbatched figure collapsed to ~9 req/s at 32 clients: a comparison of limits, not of batching).
 "http-only" is ``GET /healthz`` on the batched app: the same proxy, router and replica path without the model, i.e.
-the ceiling any model could reach on this machine. Prints requests/s, p50/p99 latency and the mean batch size the
+the ceiling any model could reach on this machine. "batch-endpoint" is the batched app's ``POST /v1/restore/batch``
+with ``--images-per-request`` images in one .npz per request (issue 13's target: >= 4x the images/s of one-image
+requests at 32 clients). Prints requests/s, p50/p99 latency and the mean batch size the
 replica ran per client count, then the ratios. Targets on the 2-core development machine: batched/unbatched >= 4 at
 32 clients, p99 < 250 ms at 16 clients (batched).
 """
@@ -42,13 +44,22 @@ def _png(seed: int, shape: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
+def _npz(seed: int, shape: tuple[int, int, int], n: int) -> bytes:
+    """An .npz of n random uint8 images (N, C, H, W): one batch-endpoint request."""
+    a = np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, images=a)
+    return buf.getvalue()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-async def _load(url: str, bodies: list[bytes] | None, clients: int, duration: float) -> dict:
+async def _load(url: str, bodies: list[bytes] | None, clients: int, duration: float,
+                ctype: str = "image/png") -> dict:
     """``clients`` closed-loop clients POSTing ``bodies`` (GET when None) for ``duration`` seconds; latency of every
     completed request."""
     import httpx
@@ -68,7 +79,7 @@ async def _load(url: str, bodies: list[bytes] | None, clients: int, duration: fl
                 if bodies is None:
                     r = await client.get(url)
                 else:
-                    r = await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": "image/png"})
+                    r = await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": ctype})
                 dt = time.perf_counter() - t0
                 i += clients
                 if r.status_code != 200:
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched mode")
     p.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus (and torch threads) of the replica")
+    p.add_argument("--images-per-request", type=int, default=32, help="images per request of the batch-endpoint mode")
     p.add_argument("--modes", default="batched,unbatched,http-only",
                    help="http-only: GET /healthz on the batched app, the same HTTP path without the model")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [_png(i, shape) for i in range(64)]
     clients = [int(c) for c in a.clients.split(",")]
 
-    ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = _free_port()
     results: dict[str, list[dict]] = {}
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/restore"
         for mode in a.modes.split(","):
-            if mode not in ("batched", "unbatched", "http-only"):
+            if mode not in ("batched", "unbatched", "http-only", "batch-endpoint"):
                 raise SystemExit(f"unknown mode {mode!r}")
             # batching is the one change between the modes (same request limits, so the router treats them alike)
             mbs = 1 if mode == "unbatched" else a.max_batch_size
@@ -141,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                              "max_queued_requests": -1, "max_ongoing_requests": 2 * a.max_batch_size})
             serve.run(app, name="bench", route_prefix="/")
             target, payload = (url.replace("/v1/restore", "/healthz"), None) if mode == "http-only" else (url, bodies)
-            asyncio.run(_load(target, payload, max(clients), a.warmup))
+            ctype, per_request = "image/png", 1
+            if mode == "batch-endpoint":
+                target, ctype, per_request = url + "/batch", "application/x-npz", a.images_per_request
+                payload = [_npz(k, shape, per_request) for k in range(4)]
+            asyncio.run(_load(target, payload, max(clients), a.warmup, ctype))
             results[mode] = []
             for n in clients:
-                r = asyncio.run(_load(target, payload, n, a.duration))
+                r = asyncio.run(_load(target, payload, n, a.duration, ctype))
+                r["images_per_s"] = r["rps"] * per_request
                 results[mode].append(r)
-                print(f"{mode:>9} clients={n:3d}  {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                print(f"{mode:>9} clients={n:3d}  {r['rps']:8.1f} req/s  {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
                       f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch']:5.1f}  errors {r['errors']}",
                       flush=True)
     finally:
@@ -175,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             p99 = by_n[16]["p99_ms"]
             ok &= p99 < 250
             print(f"target: p99 < 250 ms at 16 clients (batched): {p99:.1f} ms -> {'met' if p99 < 250 else 'NOT met'}")
+    if "batch-endpoint" in results and "batched" in results:
+        one = {r["clients"]: r for r in results["batched"]}
+        for rb in results["batch-endpoint"]:
+            if rb["clients"] in one:
+                ratio = rb["images_per_s"] / one[rb["clients"]]["images_per_s"]
+                print(f"clients={rb['clients']:3d}: batch endpoint ({a.images_per_request} images/request) / one image "
+                      f"per request = {ratio:.2f}x images/s" + ("  (target >= 4x)" if rb["clients"] == 32 else ""))
     if a.out:
         Path(a.out).write_text(json.dumps({"checkpoint": ckpt, "args": vars(a), "results": results}, indent=2))
     return 0 if ok else 1

@@ -21,3 +21,10 @@ for m in trn_fmnist_onestream trn_fmnist_argmax; do
 done
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_gfa.yaml
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_advtrain.yaml
+# issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out), then the
+# downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist against the zoo (a few minutes per zoo member,
+# ~30 min for the restorer on 2 idle cores)
+for m in mlp cnn bncnn resnet vit; do
+  .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
+done
+.venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic.yaml

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from trn.attacks import ATTACKS as ATTACK_REGISTRY
 from trn.attacks import BIM, CW, FGSM, MIM, PGD, Attack, DeepFool, create_attack, list_attacks
 from trn.classifiers import load_classifier
 from trn.data import FASHION_MNIST_DIR, load_fashion_mnist
@@ -20,24 +21,10 @@ GUARD = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist_guard"
 N, C, H, W, K = 12, 1, 8, 8, 3  # batch, channels, height, width, classes of the tiny problem
 
 
-class TinyNet(nn.Module):
-    """Conv + BatchNorm + Dropout + linear head: enough to notice train/eval mode leaking into an attack."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * H * W, K)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).flatten(1)))
-
-
 @pytest.fixture
-def model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet().eval()
+def model(make_tiny_classifier) -> nn.Module:
+    """conftest's TinyClassifier: conv + BatchNorm + Dropout + linear head (train/eval leaks into an attack show)."""
+    return make_tiny_classifier(in_channels=C, size=H, num_classes=K)
 
 
 @pytest.fixture
@@ -46,7 +33,7 @@ def x() -> torch.Tensor:
 
 
 @pytest.fixture
-def y(model: TinyNet, x: torch.Tensor) -> torch.Tensor:
+def y(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x).argmax(1)
 
@@ -77,7 +64,7 @@ def _assert_budget(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) 
 
 # --------------------------------------------------------------------------------------------- the contract
 @pytest.mark.parametrize("name", NAMES)
-def test_output_shape_range_and_budget(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_output_shape_range_and_budget(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, norm, eps = ATTACKS[name]
     x_before = x.clone()
     x_adv = factory(seed=0)(model, x, y)
@@ -90,7 +77,7 @@ def test_output_shape_range_and_budget(name: str, model: TinyNet, x: torch.Tenso
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_budget_on_saturated_images(name: str, model: TinyNet, y: torch.Tensor) -> None:
+def test_budget_on_saturated_images(name: str, model: nn.Module, y: torch.Tensor) -> None:
     """Pixels at 0 and 1 (where clipping to [0, 1] interacts with the projection) keep the budget too."""
     factory, norm, eps = ATTACKS[name]
     g = torch.Generator().manual_seed(2)
@@ -102,7 +89,7 @@ def test_budget_on_saturated_images(name: str, model: TinyNet, y: torch.Tensor) 
 
 @pytest.mark.parametrize("eps", [1 / 255, 8 / 255, 0.3, 1.0])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_pgd_budget_is_exact_for_any_eps(eps: float, norm: str, model: TinyNet, x: torch.Tensor) -> None:
+def test_pgd_budget_is_exact_for_any_eps(eps: float, norm: str, model: nn.Module, x: torch.Tensor) -> None:
     x_adv = PGD(eps=eps, steps=3, norm=norm, alpha=eps, seed=0)(model, x)  # big steps: the projection does the work
     _assert_budget(x_adv, x, norm, eps)
     if norm == "linf" and eps < 0.5:  # steps of size eps reach the boundary (some pixels are not clipped at 0 / 1)
@@ -110,7 +97,7 @@ def test_pgd_budget_is_exact_for_any_eps(eps: float, norm: str, model: TinyNet, 
 
 
 @pytest.mark.parametrize("name", ["fgsm", "bim", "pgd_linf", "pgd_l2", "mim"])
-def test_zero_eps_returns_the_input(name: str, model: TinyNet, x: torch.Tensor) -> None:
+def test_zero_eps_returns_the_input(name: str, model: nn.Module, x: torch.Tensor) -> None:
     factory, _, _ = ATTACKS[name]
     atk = factory(seed=0)
     atk.eps = 0.0
@@ -118,7 +105,7 @@ def test_zero_eps_returns_the_input(name: str, model: TinyNet, x: torch.Tensor) 
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_seeded_reproducibility(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_seeded_reproducibility(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, _, _ = ATTACKS[name]
     rng_before = torch.get_rng_state()
     a = factory(seed=3)(model, x, y)
@@ -127,14 +114,14 @@ def test_seeded_reproducibility(name: str, model: TinyNet, x: torch.Tensor, y: t
     assert torch.equal(torch.get_rng_state(), rng_before)  # a seeded attack leaves the global RNG alone
 
 
-def test_seed_changes_the_random_start(model: TinyNet, x: torch.Tensor) -> None:
+def test_seed_changes_the_random_start(model: nn.Module, x: torch.Tensor) -> None:
     a = PGD(eps=0.1, steps=2, seed=0)(model, x)
     b = PGD(eps=0.1, steps=2, seed=1)(model, x)
     assert not torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_model_modes_are_restored(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_model_modes_are_restored(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, _, _ = ATTACKS[name]
     model.train()
     model.bn.eval()  # a frozen BatchNorm inside a training model must stay frozen
@@ -150,7 +137,7 @@ def test_model_modes_are_restored(name: str, model: TinyNet, x: torch.Tensor, y:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_no_parameter_gradients(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_no_parameter_gradients(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, _, _ = ATTACKS[name]
     factory(seed=0)(model, x, y)
     assert all(p.grad is None for p in model.parameters())
@@ -160,7 +147,7 @@ def test_no_parameter_gradients(name: str, model: TinyNet, x: torch.Tensor, y: t
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_works_under_no_grad_and_inference(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_works_under_no_grad_and_inference(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, norm, eps = ATTACKS[name]
     expected = factory(seed=0)(model, x, y)
     with torch.no_grad():
@@ -170,19 +157,19 @@ def test_works_under_no_grad_and_inference(name: str, model: TinyNet, x: torch.T
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_default_labels_are_predictions(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_default_labels_are_predictions(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, _, _ = ATTACKS[name]
     assert torch.equal(factory(seed=0)(model, x), factory(seed=0)(model, x, y))
     assert torch.equal(factory(seed=0)(model, x, y.int()), factory(seed=0)(model, x, y))  # int32 labels work
 
 
-def test_plain_callable_model(model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_plain_callable_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     x_adv = PGD(eps=0.1, steps=3)(lambda t: model(t) * 2.0, x, y)  # any callable from images to logits
     _assert_budget(x_adv, x, "linf", 0.1)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_batches_of_one_and_two(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_batches_of_one_and_two(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     factory, norm, eps = ATTACKS[name]
     for b in (1, 2):
         x_adv = factory(seed=0)(model, x[:b], y[:b])
@@ -190,7 +177,7 @@ def test_batches_of_one_and_two(name: str, model: TinyNet, x: torch.Tensor, y: t
         _assert_budget(x_adv, x[:b], norm, eps)
 
 
-def test_empty_batch_returns_empty(model: TinyNet) -> None:
+def test_empty_batch_returns_empty(model: nn.Module) -> None:
     """Batch 0 is accepted (kornia convention) and gives back an empty batch of the same shape."""
     x0 = torch.zeros(0, C, H, W)
     for name in NAMES:
@@ -200,7 +187,7 @@ def test_empty_batch_returns_empty(model: TinyNet) -> None:
 
 # --------------------------------------------------------------------------------------------- effectiveness
 @pytest.mark.parametrize("name", NAMES)
-def test_untargeted_attacks_flip_predictions(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_untargeted_attacks_flip_predictions(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     kwargs: dict = {"eps": 0.5} if ATTACKS[name][1] == "linf" else {"eps": 3.0}
     if name == "cw":
         kwargs.update(c=10.0, lr=0.05)  # the defaults (c=1, lr=0.01, one binary-search round) are gentle
@@ -211,7 +198,7 @@ def test_untargeted_attacks_flip_predictions(name: str, model: TinyNet, x: torch
 
 
 @pytest.mark.parametrize("name", ["bim", "pgd_linf", "pgd_l2", "mim", "cw"])
-def test_targeted_moves_towards_targets(name: str, model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_targeted_moves_towards_targets(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     target = (y + 1) % K
     norm = ATTACKS[name][1]
     kwargs = {"eps": 0.5, "steps": 20} if norm == "linf" else {"eps": 4.0, "steps": 50}
@@ -228,14 +215,14 @@ def test_targeted_moves_towards_targets(name: str, model: TinyNet, x: torch.Tens
     assert hit >= 0.75, f"targeted {name} reached only {hit:.0%} of the targets"
 
 
-def test_targeted_needs_labels_and_deepfool_is_untargeted(model: TinyNet, x: torch.Tensor) -> None:
+def test_targeted_needs_labels_and_deepfool_is_untargeted(model: nn.Module, x: torch.Tensor) -> None:
     with pytest.raises(ConfigError, match="targeted attacks need target labels"):
         PGD(targeted=True)(model, x)
     with pytest.raises(ConfigError, match="DeepFool is untargeted only"):
         DeepFool(targeted=True)
 
 
-def test_unbounded_cw_and_deepfool_find_small_perturbations(model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_unbounded_cw_and_deepfool_find_small_perturbations(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     for atk in (CW(steps=50, lr=0.05, c=10.0), DeepFool(steps=50)):  # eps = 0: no budget, minimal perturbation
         x_adv = atk(model, x, y)
         with torch.no_grad():
@@ -246,7 +233,7 @@ def test_unbounded_cw_and_deepfool_find_small_perturbations(model: TinyNet, x: t
 
 # --------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("name", NAMES)
-def test_bad_images(name: str, model: TinyNet, x: torch.Tensor) -> None:
+def test_bad_images(name: str, model: nn.Module, x: torch.Tensor) -> None:
     atk = ATTACKS[name][0]()
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
@@ -262,7 +249,7 @@ def test_bad_images(name: str, model: TinyNet, x: torch.Tensor) -> None:
         atk(model, x - 0.5)
 
 
-def test_bad_labels(model: TinyNet, x: torch.Tensor, y: torch.Tensor) -> None:
+def test_bad_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     atk = PGD(eps=0.1, steps=1)
     with pytest.raises(ShapeError, match=rf"labels must have shape \({N},\)"):
         atk(model, x, y[:-1])
@@ -294,13 +281,17 @@ def test_bad_configs() -> None:
         create_attack("pgd", epsilon=0.1)
 
 
-def test_unknown_loss_is_a_config_error(model: TinyNet, x: torch.Tensor) -> None:
+def test_unknown_loss_is_a_config_error(model: nn.Module, x: torch.Tensor) -> None:
     with pytest.raises(ConfigError, match="unknown attack loss 'hinge'"):
         PGD(loss="hinge")(model, x)  # type: ignore[arg-type]
 
 
 def test_registry_and_params() -> None:
-    assert list_attacks() == ["bim", "cw", "deepfool", "fgsm", "mim", "pgd", "pgd_l2", "square"]
+    names = list_attacks()
+    assert names == sorted(names) == ATTACK_REGISTRY.list()
+    assert {"bim", "cw", "deepfool", "fgsm", "mim", "pgd", "pgd_l2", "square"} <= set(names)
+    with pytest.raises(ConfigError, match=r"unknown attack 'pgd_l3'; available: \['"):
+        create_attack("pgd_l3")
     assert isinstance(create_attack("PGD"), PGD) and isinstance(create_attack("deepfool"), DeepFool)
     l2 = create_attack("pgd-l2", eps=0.5)
     assert l2.norm == "l2" and l2.eps == 0.5
@@ -311,6 +302,7 @@ def test_registry_and_params() -> None:
 
 
 # --------------------------------------------------------------------------------------------- shipped guard
+@pytest.mark.slow
 def test_pgd40_breaks_the_shipped_guard() -> None:
     """The required small-sample check: PGD-40, Linf eps 0.1, 200 seeded Fashion-MNIST test images -> < 5%."""
     guard, _ = load_classifier(GUARD)

@@ -123,3 +123,24 @@ def test_shipped_eval_config_loads() -> None:
     assert c.guard == "checkpoints/fmnist_guard" and c.restorer == "checkpoints/trn_fmnist" and c.eps_main == 0.1
     for path in (c.restorer, *c.ablations.values()):  # every row's checkpoint is shipped
         assert (ROOT / (path + ".safetensors")).is_file(), path
+
+
+def test_gray_box_cache_is_keyed_on_the_images(cfg: EvalConfig, tmp_path: Path) -> None:
+    """Issue 14's bug: the same out_dir with other images must not return the first images' adversarials."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(7)
+    dark = torch.rand(N, 1, S, S, generator=g) * 0.3          # two datasets of the same size, far apart
+    bright = 1 - torch.rand(N, 1, S, S, generator=g) * 0.3
+    labels = torch.randint(0, K, (N,), generator=g)
+    out = tmp_path / "shared_out"
+    small = {**cfg.__dict__, "ablations": {}, "estimator_ablation": [], "oracle": False, "attacks": ["pgd"],
+             "n_subset": N, "eps_sweep": [0.1], "adaptive_eps": [], "out_dir": str(out)}
+    for name, x in (("dark", dark), ("bright", bright)):
+        path = save_npz(tmp_path / f"{name}.npz", ImageDataset(x, labels, ("a", "b", "c"), name))
+        run_evaluation(EvalConfig(**{**small, "data_dir": str(path)}))
+    cached = [load_file(str(p))["x_adv"] for p in sorted((out / "cache").glob("*.safetensors"))]
+    tol = 0.1 + 1 / 255  # the npz round trip stores 8-bit images
+    near_bright = [a for a in cached if a.shape == bright.shape and (a - bright).abs().max() <= tol]
+    assert near_bright, "the second dataset reused adversarials crafted on the first one"
+    assert len(cached) == 2 and all(a.shape == bright.shape for a in cached)  # PGD on each dataset

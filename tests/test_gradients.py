@@ -14,25 +14,10 @@ from trn.gradients import MODES, SCALES, GradientMapEstimator, estimate_gradient
 N, C, H, W, K = 6, 1, 8, 8, 5  # batch, channels, height, width, classes
 
 
-class TinyNet(nn.Module):
-    """Conv + BatchNorm + Dropout + linear head (train/eval leaks would show)."""
-
-    def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.act = act()
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * H * W, K)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.act(self.bn(self.conv(x))).flatten(1)))
-
-
 @pytest.fixture
-def model() -> TinyNet:
-    torch.manual_seed(0)
-    net = TinyNet()
+def model(make_tiny_classifier) -> nn.Module:
+    """conftest's TinyClassifier (conv + BatchNorm + Dropout + linear head) with non-trivial BatchNorm statistics."""
+    net = make_tiny_classifier(in_channels=C, size=H, num_classes=K)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so that eval and train mode differ
         net.bn.running_mean.uniform_(-0.2, 0.2)
         net.bn.running_var.uniform_(0.5, 2.0)
@@ -59,14 +44,14 @@ def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- modes
-def test_argmax_is_ce_against_the_prediction(model: TinyNet, x: torch.Tensor) -> None:
+def test_argmax_is_ce_against_the_prediction(model: nn.Module, x: torch.Tensor) -> None:
     pred = _probs(model, x).argmax(1)
     g = estimate_gradient_map(x, model, mode="argmax", scale="none")
     assert g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad
     torch.testing.assert_close(g, _reference(model, x, F.one_hot(pred, K).float()))
 
 
-def test_oracle_is_ce_against_the_true_label(model: TinyNet, x: torch.Tensor) -> None:
+def test_oracle_is_ce_against_the_true_label(model: nn.Module, x: torch.Tensor) -> None:
     y = torch.arange(N) % K
     g = estimate_gradient_map(x, model, mode="oracle", scale="none", y=y)
     torch.testing.assert_close(g, _reference(model, x, F.one_hot(y, K).float()))
@@ -74,7 +59,7 @@ def test_oracle_is_ce_against_the_true_label(model: TinyNet, x: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("k", [2, 3, K])
-def test_topk_is_the_renormalised_mixture(model: TinyNet, x: torch.Tensor, k: int) -> None:
+def test_topk_is_the_renormalised_mixture(model: nn.Module, x: torch.Tensor, k: int) -> None:
     p = _probs(model, x)
     top_p, top_i = p.topk(k, 1)
     w = torch.zeros_like(p).scatter_(1, top_i, top_p)
@@ -103,7 +88,7 @@ def test_at_a_decision_boundary_argmax_points_across_and_topk_cancels() -> None:
     assert g_top.abs().max().item() < 1e-6 < g_arg.abs().max().item()
 
 
-def test_topk_edge_cases(model: TinyNet, x: torch.Tensor) -> None:
+def test_topk_edge_cases(model: nn.Module, x: torch.Tensor) -> None:
     argmax = estimate_gradient_map(x, model, mode="argmax", scale="none")
     torch.testing.assert_close(estimate_gradient_map(x, model, mode="topk", k=1, scale="none"), argmax)
     # k above the class count means all classes
@@ -112,7 +97,7 @@ def test_topk_edge_cases(model: TinyNet, x: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------- scales
-def test_scales_are_per_sample(model: TinyNet, x: torch.Tensor) -> None:
+def test_scales_are_per_sample(model: nn.Module, x: torch.Tensor) -> None:
     raw = estimate_gradient_map(x, model, scale="none")
     std = estimate_gradient_map(x, model, scale="std")
     maxabs = estimate_gradient_map(x, model, scale="maxabs")
@@ -128,7 +113,7 @@ def test_scales_are_per_sample(model: TinyNet, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_each_sample_is_independent_of_the_batch(model: TinyNet, x: torch.Tensor, scale: str) -> None:
+def test_each_sample_is_independent_of_the_batch(model: nn.Module, x: torch.Tensor, scale: str) -> None:
     """Normalisation is per sample, never per batch: one image gives the same map alone or in a batch."""
     whole = estimate_gradient_map(x, model, scale=scale)
     for i in (0, N - 1):
@@ -147,14 +132,14 @@ def test_zero_gradient_stays_finite() -> None:
 
 
 # --------------------------------------------------------------------------------------------- classifier state
-def test_works_under_no_grad(model: TinyNet, x: torch.Tensor) -> None:
+def test_works_under_no_grad(model: nn.Module, x: torch.Tensor) -> None:
     expected = estimate_gradient_map(x, model)
     with torch.no_grad():
         got = estimate_gradient_map(x, model)
     assert torch.equal(got, expected) and got.abs().sum() > 0
 
 
-def test_no_parameter_gradients_and_flags_kept(model: TinyNet, x: torch.Tensor) -> None:
+def test_no_parameter_gradients_and_flags_kept(model: nn.Module, x: torch.Tensor) -> None:
     model.fc.weight.requires_grad_(False)  # a mix of frozen and trainable parameters
     flags = [p.requires_grad for p in model.parameters()]
     for create_graph in (False, True):
@@ -166,7 +151,7 @@ def test_no_parameter_gradients_and_flags_kept(model: TinyNet, x: torch.Tensor) 
     assert torch.equal(model.conv.weight.grad, torch.ones_like(model.conv.weight))
 
 
-def test_training_modes_restored_and_eval_used(model: TinyNet, x: torch.Tensor) -> None:
+def test_training_modes_restored_and_eval_used(model: nn.Module, x: torch.Tensor) -> None:
     expected = estimate_gradient_map(x, model)  # eval mode: deterministic
     model.train()
     model.bn.eval()  # a frozen BatchNorm inside a training model stays frozen
@@ -180,14 +165,14 @@ def test_training_modes_restored_and_eval_used(model: TinyNet, x: torch.Tensor) 
     assert not any(m.training for m in model.modules())
 
 
-def test_modes_restored_after_an_error(model: TinyNet, x: torch.Tensor) -> None:
+def test_modes_restored_after_an_error(model: nn.Module, x: torch.Tensor) -> None:
     model.train()
     with pytest.raises(InputError, match="needs the true labels"):
         estimate_gradient_map(x, model, mode="oracle")
     assert all(m.training for m in model.modules())
 
 
-def test_function_equals_module(model: TinyNet, x: torch.Tensor) -> None:
+def test_function_equals_module(model: nn.Module, x: torch.Tensor) -> None:
     est = GradientMapEstimator(mode="topk", k=2, scale="maxabs")
     torch.testing.assert_close(est(x, model), estimate_gradient_map(x, model, "topk", 2, "maxabs"))
     assert est.settings() == {"mode": "topk", "k": 2, "scale": "maxabs"}
@@ -199,7 +184,7 @@ def test_function_equals_module(model: TinyNet, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("batch", [0, 1, 2])
-def test_batch_sizes(model: TinyNet, batch: int) -> None:
+def test_batch_sizes(model: nn.Module, batch: int) -> None:
     x = torch.rand(batch, C, H, W)
     for mode in ("argmax", "topk"):
         g = estimate_gradient_map(x, model, mode=mode)
@@ -208,18 +193,18 @@ def test_batch_sizes(model: TinyNet, batch: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- create_graph
-def _smooth_model() -> nn.Module:
+@pytest.fixture
+def smooth_model(make_tiny_classifier) -> nn.Module:
     """Float64, tanh activations: smooth, so finite differences and gradcheck are meaningful."""
-    torch.manual_seed(0)
-    return TinyNet(act=nn.Tanh).double().eval()
+    return make_tiny_classifier(in_channels=C, size=H, num_classes=K, act=nn.Tanh).double().eval()
 
 
 @pytest.mark.parametrize(("mode", "scale"), [("argmax", "none"), ("argmax", "std"), ("oracle", "std"),
                                              ("oracle", "maxabs")])
-def test_create_graph_passes_gradcheck(mode: str, scale: str) -> None:
+def test_create_graph_passes_gradcheck(mode: str, scale: str, smooth_model: nn.Module) -> None:
     """Second-order gradients through the map are right (label weights are constants: argmax/oracle are exactly
     differentiable where the prediction does not change; topk's probability weights are deliberately detached)."""
-    model = _smooth_model()
+    model = smooth_model
     x = torch.rand(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
     y = torch.tensor([1, 3])
     w = torch.randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -231,7 +216,7 @@ def test_create_graph_passes_gradcheck(mode: str, scale: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["argmax", "topk"])
-def test_create_graph_second_order_gradient_is_nonzero(model: TinyNet, x: torch.Tensor, mode: str) -> None:
+def test_create_graph_second_order_gradient_is_nonzero(model: nn.Module, x: torch.Tensor, mode: str) -> None:
     xg = x.clone().requires_grad_(True)
     g = estimate_gradient_map(xg, model, mode=mode, create_graph=True)
     assert g.requires_grad
@@ -241,14 +226,14 @@ def test_create_graph_second_order_gradient_is_nonzero(model: TinyNet, x: torch.
     torch.testing.assert_close(g.detach(), estimate_gradient_map(x, model, mode=mode))  # same values
 
 
-def test_without_create_graph_the_map_is_a_constant(model: TinyNet, x: torch.Tensor) -> None:
+def test_without_create_graph_the_map_is_a_constant(model: nn.Module, x: torch.Tensor) -> None:
     xg = x.clone().requires_grad_(True)
     g = estimate_gradient_map(xg, model)
     assert not g.requires_grad and g.grad_fn is None
 
 
 # --------------------------------------------------------------------------------------------- bad input
-def test_bad_settings(model: TinyNet, x: torch.Tensor) -> None:
+def test_bad_settings(model: nn.Module, x: torch.Tensor) -> None:
     with pytest.raises(ConfigError, match=r"unknown gradient-map mode 'random'; choose from \['argmax'"):
         estimate_gradient_map(x, model, mode="random")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown gradient-map scale 'l2'"):
@@ -265,7 +250,7 @@ def test_bad_settings(model: TinyNet, x: torch.Tensor) -> None:
     assert MODES == ("argmax", "topk", "hybrid", "oracle", "dual")
 
 
-def test_bad_images(model: TinyNet, x: torch.Tensor) -> None:
+def test_bad_images(model: nn.Module, x: torch.Tensor) -> None:
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(InputError, match="NaN"):
@@ -280,7 +265,7 @@ def test_bad_images(model: TinyNet, x: torch.Tensor) -> None:
         estimate_gradient_map(x.numpy(), model)  # type: ignore[arg-type]
 
 
-def test_bad_oracle_labels(model: TinyNet, x: torch.Tensor) -> None:
+def test_bad_oracle_labels(model: nn.Module, x: torch.Tensor) -> None:
     with pytest.raises(InputError, match="'oracle' gradient map needs the true labels y"):
         estimate_gradient_map(x, model, mode="oracle")
     with pytest.raises(ShapeError, match=rf"y must have shape \({N},\)"):
@@ -291,7 +276,7 @@ def test_bad_oracle_labels(model: TinyNet, x: torch.Tensor) -> None:
         estimate_gradient_map(x, model, mode="oracle", y=torch.full((N,), K))
 
 
-def test_dual_stacks_the_topk_and_argmax_maps(model: TinyNet, x: torch.Tensor) -> None:
+def test_dual_stacks_the_topk_and_argmax_maps(model: nn.Module, x: torch.Tensor) -> None:
     for scale in ("std", "none"):
         g = estimate_gradient_map(x, model, mode="dual", k=3, scale=scale)
         assert g.shape == (N, 2 * C, H, W)
@@ -300,7 +285,7 @@ def test_dual_stacks_the_topk_and_argmax_maps(model: TinyNet, x: torch.Tensor) -
     assert estimate_gradient_map(x[:0], model, mode="dual").shape == (0, 2 * C, H, W)
 
 
-def test_dual_create_graph_is_both_maps_create_graph(model: TinyNet, x: torch.Tensor) -> None:
+def test_dual_create_graph_is_both_maps_create_graph(model: nn.Module, x: torch.Tensor) -> None:
     xg = x.clone().requires_grad_(True)
     g = estimate_gradient_map(xg, model, mode="dual", create_graph=True)
     (h,) = torch.autograd.grad((g * x).sum(), xg)
@@ -319,7 +304,7 @@ def test_map_channels() -> None:
 
 
 @pytest.mark.parametrize("confidence", [0.3, 0.5, 0.9])
-def test_hybrid_is_argmax_where_unsure_and_topk_elsewhere(model: TinyNet, x: torch.Tensor, confidence: float) -> None:
+def test_hybrid_is_argmax_where_unsure_and_topk_elsewhere(model: nn.Module, x: torch.Tensor, confidence: float) -> None:
     x = torch.cat([x, x * 0.1])  # more varied confidence
     top1 = _probs(model, x).amax(1)
     g = estimate_gradient_map(x, model, mode="hybrid", k=3, confidence=confidence)
@@ -331,7 +316,7 @@ def test_hybrid_is_argmax_where_unsure_and_topk_elsewhere(model: TinyNet, x: tor
     assert g.shape == x.shape
 
 
-def test_hybrid_switches_by_confidence_and_is_differentiable(model: TinyNet, x: torch.Tensor) -> None:
+def test_hybrid_switches_by_confidence_and_is_differentiable(model: nn.Module, x: torch.Tensor) -> None:
     # confidence 1 (every sample is unsure): the argmax map; a tiny threshold (none is): the top-k map
     torch.testing.assert_close(estimate_gradient_map(x, model, mode="hybrid", confidence=1.0),
                                estimate_gradient_map(x, model, mode="argmax"))

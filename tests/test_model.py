@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trn.errors import ConfigError, ShapeError
-from trn.model import TRN, TRNConfig, create_trn, list_trn_variants
+from trn.model import TRN, TRN_VARIANTS, TRNConfig, create_trn, list_trn_variants
 
 
 def _randomise_head(net: TRN, seed: int = 0) -> TRN:
@@ -111,7 +111,10 @@ def test_split_forward_matches_forward() -> None:
 
 
 def test_variants_and_registry() -> None:
-    assert list_trn_variants() == ["trn_base_32", "trn_small_28", "trn_tiny"]
+    assert list_trn_variants() == ["trn_base_32", "trn_small_28"]  # the test-only trn_tiny is not public
+    assert list_trn_variants(include_private=True) == ["trn_base_32", "trn_small_28", "trn_tiny"]
+    assert "trn_tiny" in TRN_VARIANTS and "trn_tiny" not in TRN_VARIANTS.list()
+    assert TRN_VARIANTS.describe()["trn_small_28"].startswith("Grey 28x28")  # the factory's docstring
     small = create_trn("trn_small_28")
     assert isinstance(small, nn.Module) and small.cfg == TRNConfig(1, 16, 3, True)
     assert create_trn("trn_base_32").cfg == TRNConfig(3, 32, 3, True)
@@ -123,7 +126,9 @@ def test_variants_and_registry() -> None:
 def test_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_32'"):
         create_trn("trn_huge")
-    with pytest.raises(ConfigError, match="bad TRN option for 'trn_tiny'"):
+    with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_32', 'trn_small_28'\]$"):
+        create_trn("trn_huge")  # the private trn_tiny is not offered
+    with pytest.raises(ConfigError, match="bad arguments for TRN variant 'trn_tiny'.*depth"):
         create_trn("trn_tiny", depth=3)
     for bad in ({"in_channels": 2}, {"width": 2}, {"levels": 0}):
         with pytest.raises(ConfigError, match="bad TRN config"):

@@ -123,6 +123,20 @@ def test_load_errors(tmp_path: Path, restorer: Restorer) -> None:
         Restorer.pretrained("imagenet")
 
 
+def test_pretrained_without_weights_says_where_it_looked(tmp_path: Path, restorer: Restorer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import trn.weights as w
+
+    monkeypatch.setattr(w, "_PACKAGE_WEIGHTS", tmp_path / "pkg")  # an install whose weights are missing
+    monkeypatch.setattr(w, "_SOURCE_WEIGHTS", tmp_path / "src")
+    monkeypatch.setenv(w.ENV_VAR, str(tmp_path / "env"))
+    with pytest.raises(CheckpointError, match=r"checkpoint file not found for 'trn_fmnist'.*TRN_WEIGHTS_DIR=.*"
+                                              r"shipped: none"):
+        Restorer.pretrained("fashion-mnist")
+    restorer.save(tmp_path / "env" / "trn_fmnist")  # the environment override supplies them
+    assert torch.equal(Restorer.pretrained("fashion-mnist").net.head.weight, restorer.net.head.weight)
+
+
 def test_save_needs_the_guard_architecture(tmp_path: Path) -> None:
     r = Restorer(create_trn("trn_tiny"), create_classifier("small_cnn", image_size=S))  # guard of unknown origin
     with pytest.raises(CheckpointError, match="guard's architecture is unknown"):
@@ -232,6 +246,7 @@ def test_shipped_restorer_metadata() -> None:
     assert tuple(meta["class_names"]) == FASHION_MNIST_CLASSES
 
 
+@pytest.mark.slow
 def test_shipped_restorer_restores_guard_accuracy_under_pgd() -> None:
     """Gray-box PGD-40, Linf eps 0.1, against the shipped guard on 250 seeded Fashion-MNIST test images: the guard
     is left near 0%; the same images after restoration are classified far better, and clean images stay fine."""

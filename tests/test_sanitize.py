@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -25,21 +26,20 @@ from trn.defenses.stack import build_defense_stack
 from trn.errors import ConfigError, InputError
 from trn.imageio import decode_image
 from trn.restorer import Restorer
-from workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
-from workers.sanitize import (
+from trn.sanitize_io import (
     MANIFEST_NAME,
     SPEC_NAME,
-    SanitizeConfig,
+    JobPlan,
     SanitizeError,
-    _account,
-    _check_spec,
-    _Plan,
-    _png_names,
+    check_spec,
     detect_input,
+    error_row,
+    make_report,
+    png_names,
     read_manifest,
-    run_sanitize_command,
-    sanitize,
 )
+from workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
+from workers.sanitize import SanitizeConfig, run_sanitize_command, sanitize
 
 N_NPZ = 40
 
@@ -153,7 +153,7 @@ def test_cli_bad_defence_spec_is_a_clear_error_before_ray(labelled_npz: Path, tm
     def no_ray(*args, **kwargs):
         raise AssertionError("the job reached Ray with a bad defence spec")
 
-    monkeypatch.setattr("workers.sanitize._run", no_ray)
+    monkeypatch.setattr("workers.sanitize.connect_ray", no_ray)
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text("- {name: trn, checkpoint: no/such/ckpt}\n")
     cases = {
@@ -181,9 +181,10 @@ def test_resume_check_includes_the_defence_stack(tmp_path: Path) -> None:
     out.mkdir()
     job = {"input": "/data/x.npz", "kind": "npz", "checkpoint": "/c.safetensors"}
     (out / SPEC_NAME).write_text(json.dumps(job))  # written before --defenses existed: the stack was [trn]
-    _check_spec(out, {**job, "defenses": [{"name": "trn"}]})
+    implied = {"defenses": [{"name": "trn"}]}
+    check_spec(out, {**job, "defenses": [{"name": "trn"}]}, implied)
     with pytest.raises(SanitizeError, match=r"different sanitize job \(defenses differ.*bit_depth"):
-        _check_spec(out, {**job, "defenses": [{"name": "bit_depth", "bits": 4}, {"name": "trn"}]})
+        check_spec(out, {**job, "defenses": [{"name": "bit_depth", "bits": 4}, {"name": "trn"}]}, implied)
 
 
 def test_config_checks() -> None:
@@ -217,7 +218,7 @@ def test_resources_helpers() -> None:
 
 
 def test_png_names_keep_paths_and_avoid_collisions() -> None:
-    names = _png_names(["a/b.jpg", "a/c.png", "d.JPEG", "e.png", "e.jpg"])
+    names = png_names(["a/b.jpg", "a/c.png", "d.JPEG", "e.png", "e.jpg"])
     assert names == {"a/b.jpg": "a/b.png", "a/c.png": "a/c.png", "d.JPEG": "d.png", "e.png": "e.png",
                      "e.jpg": "e.jpg.png"}
 
@@ -233,14 +234,16 @@ def test_manifest_reader_tolerates_a_truncated_last_line(tmp_path: Path) -> None
         read_manifest(m)
 
 
-def test_accounting_raises_when_an_input_is_missing_or_unknown(tmp_path: Path) -> None:
-    plan = _Plan("npz", tmp_path / "x.npz", ["0", "1", "2"])
-    _account(plan, {"0": {"status": "ok"}, "1": {"status": "error"}, "2": {"status": "ok"}}, tmp_path / "m")
-    with pytest.raises(SanitizeError, match="1 missing"):
-        _account(plan, {"0": {"status": "ok"}, "1": {"status": "error"}}, tmp_path / "m")
-    with pytest.raises(SanitizeError, match="1 unknown"):
-        _account(plan, {"0": {"status": "ok"}, "1": {"status": "ok"}, "2": {"status": "ok"}, "9": {"status": "ok"}},
-                 tmp_path / "m")
+def test_report_raises_when_an_input_has_no_row(tmp_path: Path) -> None:
+    plan = JobPlan("npz", tmp_path / "x.npz", ["0", "1", "2"])
+    ok = {"status": "ok", "pred_before": 1, "pred_after": 1, "label": None}
+    rows = {"0": {"id": "0", **ok}, "1": {"id": "1", **error_row("1", "bad")}, "2": {"id": "2", **ok},
+            "9": {"id": "9", **ok}}
+    report = make_report(plan, rows, tmp_path, 0, 3, 1.0, "trn -> guard")
+    assert (report.total, report.ok, report.errors) == (3, 2, 1)  # a row for an input no longer there is not counted
+    del rows["1"]
+    with pytest.raises(SanitizeError, match="1 of 3 inputs have no row"):
+        make_report(plan, rows, tmp_path, 0, 3, 1.0, "trn -> guard")
 
 
 def test_output_of_another_job_is_refused(tmp_path: Path, labelled_npz: Path, checkpoint: Path) -> None:
@@ -313,6 +316,7 @@ def test_folder_resume_redoes_only_what_the_manifest_lacks(ray_local, image_fold
     rows = read_manifest(out / MANIFEST_NAME)  # the retried row supersedes the earlier error row
     assert len(rows) == 10 and rows["a/corrupt.png"]["status"] == "ok" and (out / "a" / "corrupt.png").is_file()
     assert rows["c/big.png"]["status"] == "error"
+    assert len(_lines(out / MANIFEST_NAME)) == 10  # retried rows replaced, not appended beside the old ones
 
 
 @pytest.mark.ray
@@ -423,3 +427,171 @@ def test_npz_job_with_a_defence_stack(ray_local, labelled_npz: Path, tmp_path: P
         with pytest.raises(SanitizeError, match="defenses differ"):
             sanitize(SanitizeConfig(labelled_npz, out, checkpoint=checkpoint, workers=1, defenses=other))
     assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------- faults
+def test_output_that_is_a_file_or_unwritable_is_a_one_line_error(labelled_npz: Path, tmp_path: Path,
+                                                                  checkpoint: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    # root writes through permission bits: then a folder that cannot be created stands in for an unwritable one
+    unwritable = readonly / "out" if not os.access(readonly, os.W_OK) else Path("/proc/trn-sanitize-test-out")
+    cases = {a_file: "exists and is not a folder", a_file / "sub": "cannot write to OUTPUT",
+             unwritable: "cannot write to OUTPUT"}
+    for out, message in cases.items():
+        rc = main(["sanitize", str(labelled_npz), str(out), "--checkpoint", str(checkpoint)])
+        err = capsys.readouterr().err
+        assert rc == 2, out
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+    assert a_file.read_text() == "not a folder"
+
+
+def test_ray_start_failure_is_a_one_line_error(labelled_npz: Path, tmp_path: Path, checkpoint: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    def timeout(*args, **kwargs):  # what Ray raises when its raylet misses the start-up deadline
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "  # noqa: TRY002
+                        "failed to startup or the GCS has become overloaded.\n  more detail on a second line")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timeout)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(["sanitize", str(labelled_npz), str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and "could not start a local Ray" in err and "timed out" in err
+
+
+def test_without_an_address_a_fresh_local_ray_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No address: ``address="local"`` (never Ray's recorded current cluster); an address or ``RAY_ADDRESS``:
+    join it without resources (Ray refuses num_cpus when connecting)."""
+    import ray
+
+    from workers.resources import connect_ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert connect_ray(None, 3)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    connect_ray(None, 3)
+    connect_ray("auto", 3)
+    assert calls == [{"address": "local", "num_cpus": 3, "include_dashboard": False}, {"address": "127.0.0.1:6379"},
+                     {"address": "auto"}]
+
+
+def test_default_checkpoint_is_found_outside_the_repository(labelled_npz: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    def stop(*args, **kwargs):
+        raise SanitizeError("stopped before Ray")
+
+    monkeypatch.setattr("workers.sanitize.connect_ray", stop)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc = main(["sanitize", str(labelled_npz), str(tmp_path / "out")])  # the default --checkpoint
+    assert rc == 2 and "stopped before Ray" in capsys.readouterr().err  # got past loading the checkpoint
+    recorded = Path(json.loads((tmp_path / "out" / SPEC_NAME).read_text())["checkpoint"])
+    assert recorded.name == "trn_fmnist.safetensors" and recorded.is_file()
+
+
+@pytest.fixture
+def awkward_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """Good images plus a symlink loop, a file symlink loop, a FIFO named x.png, a broken link, hidden entries and
+    a symlinked folder of two images outside the tree."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "awkward"
+    for rel in ("a/0.png", "a/1.png", "b/2.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(_grey(rng)))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("o1.png", "o2.png"):
+        (outside / name).write_bytes(_png(_grey(rng)))
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # a/loop/a/loop/... forever
+    (root / "l1.png").symlink_to(root / "l2.png")
+    (root / "l2.png").symlink_to(root / "l1.png")
+    os.mkfifo(root / "x.png")
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    (root / ".hidden.png").write_bytes(_png(_grey(rng)))
+    (root / ".cache").mkdir()
+    (root / ".cache" / "y.png").write_bytes(_png(_grey(rng)))
+    return root, outside
+
+
+def test_folder_policy_without_ray(awkward_folder: tuple[Path, Path], tmp_path: Path) -> None:
+    from trn.sanitize_io import plan_job
+
+    root, _ = awkward_folder
+    assert detect_input(root) == "folder"
+    plan = plan_job("folder", root, tmp_path / "out")
+    assert set(plan.paths) == {"a/0.png", "a/1.png", "b/2.png", "linked/o1.png", "linked/o2.png"}
+    assert set(plan.errors) == {"a/loop", "l1.png", "l2.png", "x.png", "gone.png"}
+    assert set(plan.ids) == set(plan.paths) | set(plan.errors)
+    assert "symlink loop" in plan.errors["a/loop"] and "symlink loop" in plan.errors["l1.png"]
+    assert "FIFO" in plan.errors["x.png"] and "broken symlink" in plan.errors["gone.png"]
+    assert (plan.hidden, plan.linked_folders) == (2, 1)
+
+
+@pytest.mark.ray
+def test_folder_faults_get_rows_and_the_rest_is_processed(ray_local, awkward_folder: tuple[Path, Path],
+                                                          tmp_path: Path, checkpoint: Path) -> None:
+    root, _ = awkward_folder
+    out = tmp_path / "clean"
+    report = sanitize(SanitizeConfig(root, out, checkpoint=checkpoint, workers=2, batch_size=2))
+    assert (report.total, report.ok, report.errors) == (10, 5, 5)
+    assert (report.hidden, report.linked_folders) == (2, 1)
+    assert "hidden entries skipped: 2; symlinked folders followed: 1" in report.summary()
+    rows = read_manifest(out / MANIFEST_NAME)
+    assert len(_lines(out / MANIFEST_NAME)) == 10
+    assert {i for i, r in rows.items() if r["status"] == "error"} == {"a/loop", "l1.png", "l2.png", "x.png",
+                                                                    "gone.png"}
+    assert (out / "linked" / "o1.png").is_file() and rows["linked/o2.png"]["status"] == "ok"
+    assert not (out / "x.png").exists()
+
+
+@pytest.mark.ray
+def test_one_nan_image_in_an_npz_costs_only_its_row(ray_local, tmp_path: Path, checkpoint: Path,
+                                                    restorer: Restorer) -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(12, 1, 28, 28, generator=g).numpy()
+    x[3, 0, 5, 5] = np.nan
+    x[7, 0, 0, 0] = 1.5
+    labels = np.arange(12) % 10
+    np.savez(tmp_path / "bad.npz", images=x, labels=labels)
+    out = tmp_path / "clean"
+    report = sanitize(SanitizeConfig(tmp_path / "bad.npz", out, checkpoint=checkpoint, workers=1, batch_size=4))
+    assert (report.total, report.ok, report.errors) == (12, 10, 2)
+    rows = read_manifest(out / MANIFEST_NAME)
+    assert "finite" in rows["3"]["message"] and "[0, 1]" in rows["7"]["message"]
+    assert rows["3"]["label"] == 3
+    with np.load(out / "bad.npz") as z:
+        keep = [i for i in range(12) if i not in (3, 7)]
+        assert z["index"].tolist() == keep
+        expected = restorer.restore(torch.from_numpy(x[keep])).numpy()
+        assert np.allclose(z["images"], expected, atol=1e-5) and z["labels"].tolist() == labels[keep].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.ray
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu_check.sh there)")
+def test_gpu_actors_write_what_the_cpu_restorer_gives(ray_local, labelled_npz: Path, tmp_path: Path,
+                                                      checkpoint: Path, restorer: Restorer) -> None:
+    import ray
+
+    assert ray.cluster_resources().get("GPU", 0) >= 1
+    report = sanitize(SanitizeConfig(labelled_npz, tmp_path / "gpu", checkpoint=checkpoint, workers=1,
+                                     num_gpus=1, batch_size=16))
+    assert (report.ok, report.errors) == (N_NPZ, 0)
+    expected = restorer.restore(load_npz(labelled_npz).images)
+    assert torch.allclose(load_npz(tmp_path / "gpu" / "adv.npz").images, expected, atol=1e-4)

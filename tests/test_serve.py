@@ -1,6 +1,7 @@
 """The Ray Serve application, over real HTTP on loopback: restore, classify (guard / composed deployment / external
-HTTP endpoint), a defence stack (``defenses``), healthz, OpenAPI, every bad-input case, config errors, and
-``trn serve``.
+HTTP endpoint), a defence stack (``defenses``), output policies, the batch endpoints, the per-client query budget,
+UniG + AAA in their serving mode, healthz, OpenAPI, every bad-input case (multipart included), config errors, and
+``trn serve`` (fresh local Ray unless an address is given; start-up failures as one line).
 
 One Ray instance and one Serve instance for the module (tiny untrained checkpoints built in tmp_path); the whole file
 runs in well under three minutes on two shared cores.
@@ -29,6 +30,7 @@ from PIL import Image
 
 from trn.classifiers import create_classifier, save_classifier
 from trn.defenses import GCMClassifier, build_defense_stack, build_preprocessor
+from trn.defenses.spec import canonical_defenses, serving_defenses
 from trn.errors import CheckpointError, ConfigError
 from trn.imageio import decode_image
 from trn.restorer import Restorer
@@ -36,12 +38,15 @@ from trn.restorer import Restorer
 httpx = pytest.importorskip("httpx")
 serve = pytest.importorskip("ray.serve")
 
-from workers.serve import DownstreamClassifier, _build_defenses, build_app, load_downstream_model, run_serve_command
-from workers.serve_config import DownstreamArgs, app_args_from_mapping, load_serve_config
+from trn.serve_config import DownstreamArgs, app_args_from_mapping, load_serve_config
+from trn.serving import build_service_defenses
+from workers.serve import DownstreamClassifier, build_app, load_downstream_model, run_serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 SMALL = {"num_cpus": 0.25, "health_check_period_s": 2.0}  # four apps share a 4-logical-CPU test Ray
+# The /u app: UniG in its serving mode (reference images from the training set) under AAA, around the guard.
+UNIG_AAA = ["trn", {"name": "unig", "reference_dataset": "fashion-mnist", "num_reference": 2}, {"name": "aaa"}]
 # The /c app's defence stack: input side bit depth -> TRN, then GCM (strong enough to move the probabilities) around
 # its downstream classifier deployment.
 STACK = [{"name": "bit_depth", "bits": 4}, "trn", {"name": "gcm", "w": 30.0, "eps": 0.3}]
@@ -119,6 +124,10 @@ class _Downstream(BaseHTTPRequestHandler):
 def ckpts(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("serve_ckpts")
     r = Restorer.build((1, 28, 28), num_classes=10, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # Restorer.build's zero-init head is the identity: nudge it so that restoring changes images
+        for p in r.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
     r.class_names = tuple(NAMES)
     r.save(d / "trn_tiny")
     torch.manual_seed(1)
@@ -144,7 +153,7 @@ def _start_ray(ray, attempts: int = 3) -> None:
     deadline ("The current node timed out during startup")."""
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
             return
         except Exception as e:
@@ -166,23 +175,27 @@ def service(ckpts, http_downstream):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = {"restorer": ckpts["restorer"], "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **SMALL}
-        guard = build_app({**base, "max_body_bytes": 64 * 1024, "max_pixels": 512 * 512})
-        composed = build_app({**base, "defenses": STACK,
+        guard = build_app({**base, "max_body_bytes": 64 * 1024, "max_pixels": 512 * 512, "max_batch_images": 8,
+                           "output": {"policy": "full"}})
+        composed = build_app({**base, "defenses": STACK, "output": {"policy": "rounded", "decimals": 3},
+                              "query_budget": {"rate": 0.001, "burst": 12},
                               "downstream": {"kind": "checkpoint", "path": ckpts["classifier"], "num_cpus": 0.25,
                                              "max_batch_size": 4}})
-        # Replica start-up (importing torch) dominates this file's runtime: start both apps at once (the CLI's comes next).
-        serve.run_many([RunTarget(guard, "guard", "/g"), RunTarget(composed, "composed", "/c")],
-                       wait_for_applications_running=False)
+        unig = build_app({**base, "defenses": UNIG_AAA, "output": {"policy": "full"}})
+        # Replica start-up (importing torch) dominates this file's runtime: start the apps at once (the CLI's next).
+        serve.run_many([RunTarget(guard, "guard", "/g"), RunTarget(composed, "composed", "/c"),
+                        RunTarget(unig, "unig", "/u")], wait_for_applications_running=False)
         cli_args = argparse.Namespace(
             config=str(REPO / "configs" / "serve.yaml"),
             set=[f"app.restorer={ckpts['restorer']}", f"port={port}", "host=127.0.0.1", "route_prefix=/h",
                  "app_name=external", "app.num_cpus=0.25", "app.resize=resize", "app.channel_policy=convert",
-                 "app.downstream.kind=http", f"app.downstream.url={http_downstream}", "app.downstream.timeout_s=10"],
+                 "app.downstream.kind=http", f"app.downstream.url={http_downstream}", "app.downstream.timeout_s=10",
+                 "app.output.policy=full"],
             address=None, blocking=False,
         )
         cli_rc = run_serve_command(cli_args)  # returns once /h is running
         deadline = time.monotonic() + 600
-        while (states := {serve.status().applications[a].status for a in ("guard", "composed")}) != {"RUNNING"}:
+        while (states := {serve.status().applications[a].status for a in ("guard", "composed", "unig")}) != {"RUNNING"}:
             assert time.monotonic() < deadline and not states & {"DEPLOY_FAILED", "UNHEALTHY"}, serve.status()
             time.sleep(0.5)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -223,6 +236,8 @@ def test_restore_png(service) -> None:
     expected = _local_restore(model, png)[0]
     got = np.asarray(out, dtype=np.float32) / 255.0
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-6  # same network, 8-bit rounding only
+    sent = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255.0
+    assert np.abs(got - sent).mean() > 0.01  # the restorer changed the image, and the change arrived
     # multipart upload of the same file: the same answer
     r2 = c.post("/g/v1/restore", files={"file": ("x.png", png, "image/png")})
     assert r2.status_code == 200, r2.text
@@ -301,8 +316,8 @@ def test_classify_composed_deployment_behind_a_defence_stack(service) -> None:
         unwrapped = torch.softmax(clf(y), 1)[0]
     assert (p - plain).abs().max() > 1e-3  # the stack answers differently from the restorer + plain classifier,
     assert (p - unwrapped).abs().max() > 1e-3  # and GCM around the classifier makes a difference of its own
-    np.testing.assert_allclose([j["probabilities"][n] for n in NAMES], p.numpy(), atol=1e-4)
-    assert j["label"] == NAMES[int(p.argmax())]
+    np.testing.assert_allclose([j["probabilities"][n] for n in NAMES], p.numpy(), atol=6e-4)  # 3 decimals (app)
+    assert j["label"] == NAMES[int(p.argmax())] and j["output"] == "rounded"
     h = service["client"].get("/c/healthz").json()
     assert h["downstream"] == "checkpoint" and h["defenses"] == STACK_DESCRIBED
 
@@ -396,6 +411,185 @@ def test_trn_serve_command(service) -> None:
     assert h["downstream"] == "http" and h["max_batch_size"] == 32  # the YAML's value, not overridden
 
 
+def _npz(images: np.ndarray, **extra: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, images=images, **extra)
+    return buf.getvalue()
+
+
+@pytest.mark.ray
+def test_output_policies(service) -> None:
+    """Each output policy's response shape; a request may ask for less than its app allows, never more."""
+    c = service["client"]
+    png = _png(_image(10))
+
+    def classify(path: str = "/g", **params) -> httpx.Response:
+        return c.post(f"{path}/v1/classify", params=params, content=png, headers={"Content-Type": "image/png"})
+
+    full = classify().json()
+    assert full["output"] == "full" and list(full["probabilities"]) == NAMES
+    probs = np.array([full["probabilities"][n] for n in NAMES])
+    order = [NAMES[i] for i in np.argsort(-probs, kind="stable")]
+    top = classify(output="top_k", k=3).json()
+    assert top["output"] == "top_k" and list(top["probabilities"]) == order[:3] and top["label"] == full["label"]
+    assert [top["probabilities"][n] for n in order[:3]] == [full["probabilities"][n] for n in order[:3]]
+    rounded = classify(output="rounded", decimals=1).json()
+    assert list(rounded["probabilities"]) == NAMES and rounded["output"] == "rounded"
+    assert all(v == round(v, 1) for v in rounded["probabilities"].values())
+    label = classify(output="label").json()
+    assert label["probabilities"] is None and label["label"] == full["label"] and label["index"] == full["index"]
+    # /c allows rounded(decimals=3): less is fine (decimals inherited), more is 403
+    r = classify("/c", output="top_k", k=2)
+    assert r.status_code == 200 and len(r.json()["probabilities"]) == 2
+    assert all(v == round(v, 3) for v in r.json()["probabilities"].values())
+    assert "shows more" in _error(classify("/c", output="full"), 403)["message"]
+    assert "shows more" in _error(classify("/c", output="rounded", decimals=5), 403)["message"]
+    _error(classify(output="logits"), 422)
+    assert c.get("/g/healthz").json()["output"] == "full(decimals=6)"
+
+
+@pytest.mark.ray
+def test_batch_endpoints(service) -> None:
+    """Many images per request (multipart files or an npz) answer what one-image requests answer, in order."""
+    c = service["client"]
+    imgs = [_image(20 + i) for i in range(3)]
+    pngs = [_png(a) for a in imgs]
+    singles = [c.post("/g/v1/classify", content=b, headers={"Content-Type": "image/png"}).json() for b in pngs]
+    r = c.post("/g/v1/classify/batch", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)])
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [g["label"] for g in got] == [s["label"] for s in singles]
+    for g, one in zip(got, singles):
+        np.testing.assert_allclose([g["probabilities"][n] for n in NAMES], [one["probabilities"][n] for n in NAMES],
+                                   atol=2e-6)
+    r = c.post("/g/v1/classify/batch", content=_npz(np.stack(imgs)), headers={"Content-Type": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    assert [g["label"] for g in r.json()["results"]] == [s["label"] for s in singles]
+    r = c.post("/g/v1/restore/batch", content=_npz(np.stack(imgs)), headers={"Content-Type": "application/x-npz"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+    restored = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert restored.shape == (3, 1, 28, 28)
+    for a, b in zip(restored, pngs):
+        np.testing.assert_allclose(a, _local_restore(service["model"], b), atol=1e-5)
+    # refusals: too many images, an ambiguous npz, a pickled object array, a wrong shape, a single image's type
+    _error(c.post("/g/v1/classify/batch", content=_npz(np.zeros((9, 28, 28), np.uint8)),
+                  headers={"Content-Type": "application/x-npz"}), 400)
+    many = [("files", (f"{i}.png", pngs[0], "image/png")) for i in range(9)]
+    assert _error(c.post("/g/v1/classify/batch", files=many), 413)["type"] == "TooManyImages"
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros((1, 28, 28), np.uint8), b=np.zeros((1, 28, 28), np.uint8))
+    assert "images" in _error(c.post("/g/v1/classify/batch", content=buf.getvalue(),
+                                     headers={"Content-Type": "application/x-npz"}), 400)["message"]
+    buf = io.BytesIO()
+    np.savez(buf, images=np.array([{"x": 1}], dtype=object))
+    _error(c.post("/g/v1/classify/batch", content=buf.getvalue(), headers={"Content-Type": "application/x-npz"}), 400)
+    _error(c.post("/g/v1/classify/batch", content=_npz(np.zeros((2, 3, 28, 28), np.float32)),
+                  headers={"Content-Type": "application/x-npz"}), 422)
+    _error(c.post("/g/v1/classify/batch", content=b"PK\x03\x04junk", headers={"Content-Type": "application/x-npz"}),
+           400)
+    _error(c.post("/g/v1/classify/batch", content=pngs[0], headers={"Content-Type": "image/png"}), 415)
+
+
+@pytest.mark.ray
+def test_malformed_multipart(service) -> None:
+    """Multipart bodies are parsed by Starlette: malformed ones are a 400 with a message, never a 500."""
+    c = service["client"]
+    png = _png(_image(11))
+    for body, ctype in [
+        (b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n" + png, "boundary=xyz"),
+        (b"garbage without any boundary", "boundary=xyz"),
+        (png, ""),  # no boundary parameter
+    ]:
+        r = c.post("/g/v1/restore", content=body, headers={"Content-Type": f"multipart/form-data; {ctype}".strip("; ")})
+        assert r.status_code == 400, (r.status_code, r.text)
+    ok = (b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.png\r\nContent-Type: image/png\r\n\r\n"
+          + png + b"\r\n--xyz--\r\n")
+    r = c.post("/g/v1/restore", content=ok, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 200, r.text
+    assert c.get("/g/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.ray
+def test_query_budget_answers_429(service) -> None:
+    """/c: 12 queries per client, refilled at 0.001/s; a batch costs one query per image; clients are keyed by API
+    key (else address), so another key still gets answers."""
+    c = service["client"]
+    imgs = np.stack([_image(30 + i) for i in range(12)])
+    hdr = {"Content-Type": "application/x-npz", "x-api-key": "attacker"}
+    r = c.post("/c/v1/classify/batch", content=_npz(imgs), headers=hdr)
+    assert r.status_code == 200 and len(r.json()["results"]) == 12
+    r = c.post("/c/v1/classify", content=_png(_image(50)), headers={"Content-Type": "image/png",
+                                                                    "x-api-key": "attacker"})
+    err = _error(r, 429)
+    assert err["type"] == "QueryBudgetExceeded" and int(r.headers["retry-after"]) >= 1
+    r = c.post("/c/v1/classify", content=_png(_image(50)), headers={"Content-Type": "image/png",
+                                                                    "x-api-key": "someone-else"})
+    assert r.status_code == 200, r.text
+    r = c.post("/c/v1/classify/batch", content=_npz(np.concatenate([imgs, imgs[:1]])),
+               headers={**hdr, "x-api-key": "big"})
+    assert _error(r, 429)["type"] == "QueryBudgetExceeded"  # 13 images: more than the burst, ever
+
+
+@pytest.mark.ray
+def test_unig_and_aaa_in_the_service(service) -> None:
+    """/u: TRN -> UniG (serving mode) -> AAA around the guard. An image's answer does not depend on the other images
+    of its batch, re-sending it gives the same answer, and it is what the library's stack gives for it alone; AAA
+    keeps UniG's label."""
+    c, model = service["client"], service["model"]
+    target = _image(40)
+    others = np.stack([_image(41 + i) for i in range(4)])
+    alone = c.post("/u/v1/classify", content=_png(target), headers={"Content-Type": "image/png"}).json()
+    again = c.post("/u/v1/classify", content=_png(target), headers={"Content-Type": "image/png"}).json()
+    r = c.post("/u/v1/classify/batch", content=_npz(np.concatenate([others[:2], target[None], others[2:]])),
+               headers={"Content-Type": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    in_batch = r.json()["results"][2]
+    assert alone == again
+    assert in_batch["label"] == alone["label"]
+    np.testing.assert_allclose([in_batch["probabilities"][n] for n in NAMES],
+                               [alone["probabilities"][n] for n in NAMES], atol=2e-6)
+    spec = serving_defenses(canonical_defenses(UNIG_AAA))
+    x = torch.from_numpy(target.astype(np.float32) / 255.0)[None, None]
+    stack = build_defense_stack(spec, model.guard, restorer=model)
+    unig_only = build_defense_stack(spec[:2], model.guard, restorer=model)
+    with torch.no_grad():
+        p = torch.softmax(stack(x), 1)[0].numpy()
+        p_unig = torch.softmax(unig_only(x), 1)[0].numpy()
+    np.testing.assert_allclose([alone["probabilities"][n] for n in NAMES], p, atol=1e-4)
+    assert alone["index"] == int(p.argmax()) == int(p_unig.argmax())
+    assert abs(float(p.max()) - float(p_unig.max())) < 1e-5  # AAA keeps the top-1 confidence
+
+
+def test_trn_serve_starts_a_fresh_local_ray_or_joins_only_when_asked(ckpts, monkeypatch) -> None:
+    """No address: ray.init(address="local") (never a cluster recorded on the machine); --address or RAY_ADDRESS:
+    that cluster. A start-up failure is one ConfigError line, not a traceback."""
+    import ray
+
+    calls: list[dict] = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("The current node timed out during startup.\nlong details")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ns = argparse.Namespace(config=None, set=[f"app.restorer={ckpts['restorer']}"], address=None, blocking=False)
+    with pytest.raises(ConfigError, match=r"^could not start a local Ray: RuntimeError: The current node timed out "
+                                          r"during startup\.$"):
+        run_serve_command(ns)
+    assert calls[-1]["address"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match="could not join the Ray cluster at '127.0.0.1:1'"):
+        run_serve_command(ns)
+    assert calls[-1] == {"address": "127.0.0.1:1"}
+    ns.address = "ray://head:10001"
+    with pytest.raises(ConfigError, match="ray://head:10001"):
+        run_serve_command(ns)
+    assert calls[-1] == {"address": "ray://head:10001"}
+
+
 # ---------------------------------------------------------------------------------------------------- config (no Ray)
 def test_builder_args_and_config_errors(ckpts, tmp_path) -> None:
     r = ckpts["restorer"]
@@ -466,7 +660,7 @@ def test_defence_stack_around_the_guard(ckpts) -> None:
     """downstream.kind guard: the replica's /v1/classify model is the guard inside the stack's wrappers."""
     model = ckpts["model"]
     spec = app_args_from_mapping({"restorer": ckpts["restorer"], "defenses": STACK}).with_resolved_paths().defenses
-    pre, classifier = _build_defenses(spec, model, "guard", "cpu")
+    pre, classifier = build_service_defenses(spec, model, "guard", "cpu")
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     reference = build_defense_stack(STACK, model.guard, restorer=model)
     with torch.no_grad():
@@ -474,7 +668,7 @@ def test_defence_stack_around_the_guard(ckpts) -> None:
         torch.testing.assert_close(y, reference.preprocessor(x))
         torch.testing.assert_close(classifier(y), reference.classifier(y))
         assert (classifier(y) - model.guard(y)).abs().max() > 1e-3  # wrapped, not the plain guard
-    pre, classifier = _build_defenses(spec, model, "checkpoint", "cpu")  # deployed downstream: wrappers left to it
+    pre, classifier = build_service_defenses(spec, model, "checkpoint", "cpu")  # deployed downstream: wrappers left to it
     assert classifier is model.guard and [type(s).__name__ for s in pre.stages] == ["BitDepthReduction",
                                                                                     "RestorerStage"]
 
@@ -522,7 +716,7 @@ def test_downstream_loaders(ckpts, tmp_path) -> None:
         wrapped = torch.softmax(GCMClassifier(clf, w=30.0, eps=0.3)(x), 1).numpy()
     np.testing.assert_allclose(np.stack(replica._forward(list(x.numpy()))), wrapped, atol=1e-5)
     with pytest.raises(ConfigError, match=r"defence #1 \(unig\) around the torchscript downstream .*forward_features"):
-        build_app({"restorer": ckpts["restorer"], "defenses": ["trn", "unig"],
+        build_app({"restorer": ckpts["restorer"], "defenses": ["trn", {"name": "unig", "reference_dataset": "fmnist"}],
                    "downstream": {"kind": "torchscript", "path": str(tmp_path / "clf.ts")}})
     with pytest.raises(CheckpointError, match="not found"):
         load_downstream_model(DownstreamArgs(kind="torchscript", path=str(tmp_path / "nope.ts")))

@@ -21,7 +21,8 @@ from trn.train_trn import TRNTrainConfig, train_trn
 
 N, S, K = 16, 8, 3
 BATCH = 8
-STEPS_PER_EPOCH = N // BATCH
+VAL = 4  # training images held out for the per-epoch check
+STEPS_PER_EPOCH = -(-(N - VAL) // BATCH)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +40,7 @@ def setup(tmp_path: Path) -> dict:
                     {"image_shape": [1, S, S], "class_names": ["a", "b", "c"], "test_accuracy": 1.0})
     return {"dataset": "npz", "data_dir": str(data), "guard": str(tmp_path / "guard"), "arch": "trn_tiny",
             "attacks": ["fgsm", "pgd", "cw"], "attack_steps": 1, "cw_steps": 2, "chunks": 2, "epochs": 2,
-            "batch_size": BATCH, "val_size": 8, "device": "cpu", "out": str(tmp_path / "trn")}
+            "batch_size": BATCH, "val_size": VAL, "device": "cpu", "out": str(tmp_path / "trn")}
 
 
 def _opt_steps(out: str) -> set[int]:
@@ -57,7 +58,8 @@ def test_tiny_run_writes_a_checkpoint_naming_the_guard(setup: dict, tmp_path: Pa
     assert meta["config"] == json.loads(json.dumps(to_dict(cfg)))
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     assert {"clean", "clean_restored", "pgd", "pgd_restored"} <= set(meta["history"][0])
-    assert meta["train_images"] == N and meta["class_names"] == ["a", "b", "c"] and meta["image_shape"] == [1, S, S]
+    assert meta["train_images"] == N - VAL and meta["val_images"] == VAL  # the check images come from training
+    assert meta["class_names"] == ["a", "b", "c"] and meta["image_shape"] == [1, S, S]
     assert meta["estimator"] == {"mode": "topk", "k": 3, "scale": "std"}
     back = Restorer.load(tmp_path / "trn")
     assert back.net.cfg.width == 4 and any((p != 0).any() for p in back.net.head.parameters())  # it trained

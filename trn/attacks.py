@@ -1,5 +1,6 @@
-"""Evasion attacks in pixel space [0, 1]: gradient-based FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool, and the
-score-based (black-box, gradient-free) Square attack.
+"""Evasion attacks in pixel space [0, 1]: gradient-based FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool, APGD-CE /
+APGD-DLR (AutoAttack's gradient attacks, with restarts and EOT), and the score-based (black-box, gradient-free) Square
+attack.
 
 Every attack is a configured callable with one shape, ``x_adv = attack(model, x, y)``:
 
@@ -24,9 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trn.errors import ConfigError
+from trn.registry import Registry
 from trn.validation import check_images, check_labels
 
 __all__ = [
+    "APGD",
+    "ATTACKS",
     "BIM",
     "CW",
     "FGSM",
@@ -36,8 +40,10 @@ __all__ = [
     "DeepFool",
     "Square",
     "create_attack",
+    "eot_input_gradient",
     "input_gradient",
     "list_attacks",
+    "per_sample_loss",
     "project",
 ]
 
@@ -93,7 +99,7 @@ class Attack:
             raise ConfigError(f"{type(self).__name__}: eps must be >= 0, got {self.eps}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("steps", "max_iter", "binary_search_steps") and (not isinstance(v, int) or v < 1):
+            if f.name in ("steps", "max_iter", "binary_search_steps", "eot_iter") and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{type(self).__name__}: {f.name} must be a positive integer, got {v!r}")
 
     def params(self) -> dict:
@@ -152,6 +158,7 @@ class PGD(Attack):
     norm: Literal["linf", "l2"] = "linf"
     random_start: bool = True
     loss: Literal["ce", "cw"] = "ce"
+    eot_iter: int = 1          # > 1: average each gradient over that many passes (EOT, for random models)
 
     name = "pgd"
 
@@ -181,7 +188,10 @@ class PGD(Attack):
     def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv, alpha, state = self._start(x), self.step_size(), {}
         for _ in range(self.steps):
-            grad, _ = input_gradient(model, x_adv, y, self.loss)
+            if self.eot_iter == 1:
+                grad, _ = input_gradient(model, x_adv, y, self.loss)
+            else:
+                grad = eot_input_gradient(model, x_adv, y, self.loss, self.eot_iter)[0]
             x_adv = project(x_adv + self._ascent_sign() * alpha * self._direction(grad, state), x, self.eps, self.norm)
         return x_adv
 
@@ -440,6 +450,157 @@ class Square(Attack):
         return project(x_best, x, eps, "linf")
 
 
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """(B,) attack loss per image: ``ce`` (cross-entropy), ``cw`` (margin ``max_{j != y} z_j - z_y``) or ``dlr``.
+
+    DLR (Croce & Hein 2020) is ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi`` the sorted logits:
+    invariant to shifting and rescaling the logits, so a defence cannot hide behind their scale. Needs >= 3 classes.
+    """
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    if loss == "cw":
+        return other - z_y
+    if loss == "dlr":
+        if logits.shape[1] < 3:
+            raise ConfigError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+        top = logits.sort(dim=1, descending=True).values
+        return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
+    raise ConfigError(f"unknown attack loss {loss!r}; use 'ce', 'cw' or 'dlr'")
+
+
+def eot_input_gradient(model: Model, x: torch.Tensor, y: torch.Tensor, loss: str = "ce",
+                       eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expectation over Transformation (Athalye et al. 2018): input gradient averaged over ``eot_iter`` passes.
+
+    For a model with randomness (noise, random transforms) every pass draws new randomness, so the mean gradient
+    estimates ``E[d loss / d x]``; for a deterministic model ``eot_iter=1`` is the plain gradient.
+
+    Returns:
+        (gradient (B, C, H, W), logits (B, K), per-image loss (B,)), each averaged over the passes, detached.
+    """
+    grad = torch.zeros_like(x)
+    logits_sum: torch.Tensor | None = None
+    loss_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+    for _ in range(eot_iter):
+        xg = x.detach().requires_grad_(True)
+        logits = model(xg)
+        values = per_sample_loss(logits, y, loss)
+        (g,) = torch.autograd.grad(values.sum(), xg)
+        grad += g
+        loss_sum += values.detach()
+        logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+    return grad / eot_iter, logits_sum / eot_iter, loss_sum / eot_iter
+
+
+@dataclass
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein, ICML 2020), Linf or L2: the gradient component of AutoAttack.
+
+    PGD without a step size to tune: the step starts at ``2 * eps`` and is halved at checkpoints (after 22 %, then
+    progressively shorter stretches of the ``steps``) where the loss went up in fewer than ``rho`` of the steps since
+    the last checkpoint, or neither the step nor the best loss changed; after a halving the search restarts from the
+    best point found. Steps use momentum ``momentum`` (0.75, the paper's alpha) over the previous update. Per image,
+    the best (highest-loss) point is kept and the first misclassified one returned. ``restarts`` runs again, from a
+    new random start, on the images still classified correctly. ``loss``: ``ce`` (APGD-CE) or ``dlr`` (APGD-DLR).
+    ``eot_iter > 1`` averages each gradient over that many passes (EOT, for models with randomness).
+
+    Example:
+        >>> x_adv = APGD(eps=0.1, steps=100, loss="dlr", restarts=3)(model, x, y)
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    loss: Literal["ce", "dlr", "cw"] = "ce"
+    eot_iter: int = 1
+    rho: float = 0.75
+    momentum: float = 0.75
+    norm: Literal["linf", "l2"] = "linf"
+    name = "apgd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in ("restarts", "eot_iter"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"APGD: {f} must be a positive integer, got {v!r}")
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"APGD: norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.loss not in ("ce", "dlr", "cw"):
+            raise ConfigError(f"APGD: loss must be 'ce', 'dlr' or 'cw', got {self.loss!r}")
+        if self.targeted:
+            raise ConfigError("APGD: only the untargeted version is implemented")
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.norm == "linf":
+            t = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
+            return project(x + self.eps * t, x, self.eps, "linf")
+        t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return project(x + self.eps * t / _flat_norm(t, 2), x, self.eps, "l2")
+
+    def _step(self, x_adv: torch.Tensor, grad: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        d = grad.sign() if self.norm == "linf" else grad / _flat_norm(grad, 2)
+        return x_adv + size * d
+
+    def _run(self, model: Model, x: torch.Tensor, y: torch.Tensor,
+             gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One APGD run: (images to return, still-correct mask)."""
+        n_iter = self.steps
+        k = max(int(0.22 * n_iter), 1)           # first checkpoint
+        k_min, k_decr = max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+        x_adv = self._start(x, gen)
+        grad, logits, loss = eot_input_gradient(model, x_adv, y, self.loss, self.eot_iter)
+        correct = logits.argmax(1) == y
+        x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
+        x_out = x_adv.clone()                    # first misclassified point, else the best one
+        size = torch.full((len(x), 1, 1, 1), 2.0 * self.eps, device=x.device, dtype=x.dtype)
+        x_old = x_adv.clone()
+        losses = [loss]                          # per-step losses since the start (for the oscillation check)
+        loss_best_check, reduced_check = loss_best.clone(), torch.ones_like(correct)
+        since_check = 0
+        for i in range(n_iter):
+            with torch.no_grad():
+                a = self.momentum if i > 0 else 1.0
+                z = project(self._step(x_adv, grad, size), x, self.eps, self.norm)
+                z = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_old), x, self.eps, self.norm)
+                x_old, x_adv = x_adv, z
+            grad, logits, loss = eot_input_gradient(model, x_adv, y, self.loss, self.eot_iter)
+            with torch.no_grad():
+                wrong = (logits.argmax(1) != y) & correct
+                x_out[wrong] = x_adv[wrong]
+                correct &= ~wrong
+                up = loss > loss_best
+                x_best[up], grad_best[up], loss_best[up] = x_adv[up], grad[up], loss[up]
+                losses.append(loss)
+                since_check += 1
+                if since_check == k:  # checkpoint: halve the step where progress stalled
+                    recent = torch.stack(losses[-k - 1:])                       # (k + 1, B)
+                    increases = (recent[1:] > recent[:-1]).float().sum(0)
+                    osc = increases <= k * self.rho
+                    stalled = ~reduced_check & (loss_best_check >= loss_best)
+                    halve = osc | stalled
+                    reduced_check, loss_best_check = halve.clone(), loss_best.clone()
+                    if halve.any():
+                        size[halve] /= 2.0
+                        x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+                    k, since_check = max(k - k_decr, k_min), 0
+        x_out[correct] = x_best[correct]
+        return x_out, correct
+
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gen = self._generator(x.device)
+        x_adv = x.clone()
+        todo = torch.arange(len(x), device=x.device)
+        for _ in range(self.restarts):
+            if len(todo) == 0:
+                break
+            out, still = self._run(model, x[todo], y[todo], gen)
+            x_adv[todo] = out
+            todo = todo[still]
+        return x_adv
+
+
 _REGISTRY: dict[str, Callable[..., Attack]] = {
     "fgsm": FGSM,
     "bim": BIM,
@@ -449,19 +610,25 @@ _REGISTRY: dict[str, Callable[..., Attack]] = {
     "cw": CW,
     "deepfool": DeepFool,
     "square": Square,
+    "apgd": APGD,
+    "apgd_ce": lambda **kw: APGD(**{"loss": "ce", **kw}),
+    "apgd_dlr": lambda **kw: APGD(**{"loss": "dlr", **kw}),
 }
 
 
+ATTACKS: Registry[Attack] = Registry("attack")  # names are case-insensitive, '-' reads as '_' ('PGD-L2' = 'pgd_l2')
+ATTACKS.update(_REGISTRY)
+
+
 def list_attacks() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names :func:`create_attack` accepts (the :data:`ATTACKS` registry)."""
+    return ATTACKS.list()
 
 
 def create_attack(name: str, **kwargs) -> Attack:
-    """Build an attack by name (``fgsm``, ``bim``, ``pgd``, ``pgd_l2``, ``mim``, ``cw``, ``deepfool``, ``square``)."""
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown attack {name!r}; available: {list_attacks()}")
-    try:
-        return _REGISTRY[key](**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad arguments for attack {name!r}: {e}") from e
+    """Build an attack by name (see :func:`list_attacks`); unknown names and bad arguments raise :class:`ConfigError`.
+
+    Example:
+        >>> atk = create_attack("pgd", eps=0.1, steps=40)
+    """
+    return ATTACKS.create(name, **kwargs)

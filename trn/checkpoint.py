@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trn.errors import CheckpointError
+from trn.weights import resolve_checkpoint
 
 __all__ = ["checkpoint_digest", "checkpoint_paths", "load_checkpoint", "save_checkpoint"]
 
@@ -26,8 +27,11 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def checkpoint_digest(path: str | os.PathLike, length: int = 16) -> str:
-    """Hex SHA-256 of the checkpoint's tensors file, first ``length`` digits: what caches and resumable jobs key on."""
-    return hashlib.sha256(checkpoint_paths(path)[0].read_bytes()).hexdigest()[:length]
+    """Hex SHA-256 of the checkpoint's tensors file, first ``length`` digits: what caches and resumable jobs key on.
+
+    ``path`` is resolved like :func:`load_checkpoint` (shipped weights when ``checkpoints/NAME`` is not here).
+    """
+    return hashlib.sha256(checkpoint_paths(resolve_checkpoint(path))[0].read_bytes()).hexdigest()[:length]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -47,10 +51,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], met
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    ``path`` goes through :func:`trn.weights.resolve_checkpoint`: a bare name or ``checkpoints/NAME`` that does not
+    exist here falls back to the weights shipped with the package.
+
     Raises:
         CheckpointError: a file is missing, the tensors are not valid safetensors, or the JSON is malformed.
     """
-    tensors_path, meta_path = checkpoint_paths(path)
+    tensors_path, meta_path = checkpoint_paths(resolve_checkpoint(path))
     for p in (tensors_path, meta_path):
         if not p.is_file():
             raise CheckpointError(f"checkpoint file not found: {p} (a checkpoint is NAME.safetensors + NAME.json)")

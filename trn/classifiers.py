@@ -6,7 +6,7 @@ split UniG needs; ``create_classifier(name)`` builds one by name, and :func:`wra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torchvision
@@ -14,8 +14,11 @@ from torch import nn
 
 from trn.checkpoint import load_checkpoint, save_checkpoint
 from trn.errors import CheckpointError, ConfigError
+from trn.registry import Registry
+from trn.zoo import ZOO_FAMILIES
 
 __all__ = [
+    "CLASSIFIERS",
     "Normalize",
     "ResNet18",
     "SmallCNN",
@@ -136,24 +139,21 @@ def wrap_classifier(model: nn.Module, mean: Sequence[float] | None = None, std: 
     return WrappedClassifier(model, mean, std, features, head)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "small_cnn": SmallCNN,
-    "resnet18": ResNet18,
-}
+CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
+CLASSIFIERS.add("small_cnn", SmallCNN)
+CLASSIFIERS.add("resnet18", ResNet18)
+_REGISTRY = CLASSIFIERS  # the old name (a dict until issue 14): update() still works on it
+_REGISTRY.update(ZOO_FAMILIES)  # zoo_mlp, zoo_cnn, zoo_bncnn, zoo_resnet, zoo_vit (issue 10's classifier zoo)
 
 
 def list_classifiers() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names :func:`create_classifier` accepts (the :data:`CLASSIFIERS` registry)."""
+    return CLASSIFIERS.list()
 
 
 def create_classifier(name: str, **kwargs) -> nn.Module:
     """Build a registered classifier by name; unknown names and bad arguments raise :class:`ConfigError`."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown classifier {name!r}; available: {list_classifiers()}")
-    try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad arguments for classifier {name!r}: {e}") from e
+    return CLASSIFIERS.create(name, **kwargs)
 
 
 def save_classifier(path, model: nn.Module, arch: str, arch_kwargs: dict, metadata: dict | None = None):

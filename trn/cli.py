@@ -27,7 +27,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trn.train_trn import TRNTrainConfig, train_trn
 
     cfg = load_config(TRNTrainConfig, args.config, args.set)
-    train_trn(cfg)
+    if args.workers is not None or args.address is not None:  # Ray Train (DDP); Ray is imported only here
+        from workers.train import train_distributed
+
+        train_distributed(cfg, address=args.address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker)
+    else:
+        train_trn(cfg)
+    print(f"saved {cfg.out}.safetensors / .json")
+    return 0
+
+
+def _cmd_train_robust(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.train_robust import RobustTrainConfig, train_robust
+
+    cfg = load_config(RobustTrainConfig, args.config, args.set)
+    train_robust(cfg)
     print(f"saved {cfg.out}.safetensors / .json")
     return 0
 
@@ -42,15 +57,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shipped_or_given(path: str) -> str:
+    """``path`` if it exists, else the shipped weights it names (``checkpoints/NAME``, see :mod:`trn.weights`);
+    unchanged when neither exists, so that the command reports the missing file in its own words."""
+    from trn.errors import CheckpointError
+    from trn.weights import resolve_checkpoint
+
+    try:
+        return str(resolve_checkpoint(path))
+    except CheckpointError:
+        return path
+
+
 def _cmd_attack(args: argparse.Namespace) -> int:
     from trn.attack_dataset import run_attack_command
 
+    args.guard = _shipped_or_given(args.guard)
     return run_attack_command(args)
 
 
 def _cmd_sanitize(args: argparse.Namespace) -> int:
     from workers.sanitize import run_sanitize_command  # Ray is imported only here, never by the library
 
+    args.checkpoint = _shipped_or_given(args.checkpoint)
     return run_sanitize_command(args)
 
 
@@ -60,12 +89,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve_command(args)
 
 
+def _cmd_train_agnostic(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.train_agnostic import AgnosticTrainConfig, train_agnostic
+
+    cfg = load_config(AgnosticTrainConfig, args.config, args.set)
+    train_agnostic(cfg)
+    print(f"saved {cfg.out}.safetensors / .json")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.fit import FitConfig, fit
+
+    opts = {"classifier": args.classifier, "data": args.data, "restorer": args.restorer, "out": args.out,
+            "images": args.images, "device": args.device}
+    given = [f"{k}={v}" for k, v in opts.items() if v is not None]
+    cfg = load_config(FitConfig, None, [*given, *args.set])
+    r = fit(cfg)
+    h = r.metadata.get("history", [])
+    if h:
+        print(f"validation ({r.metadata.get('val_images')} images, PGD-10 on your classifier): restored accuracy "
+              f"{h[0]['pgd_restored']:.4f} -> {max(h, key=lambda e: e['score'])['pgd_restored']:.4f}")
+    print(f"saved {cfg.out}.safetensors / .json")
+    return 0
+
+
+def _cmd_eval_downstream(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.eval_downstream import DownstreamEvalConfig, run_downstream_evaluation
+
+    cfg = load_config(DownstreamEvalConfig, args.config, args.set)
+    print(run_downstream_evaluation(cfg).markdown)
+    return 0
+
+
 def _cmd_eval_defenses(args: argparse.Namespace) -> int:
     from trn.config import load_config
     from trn.evaluate_defenses import DefenseEvalConfig, run_defense_evaluation
 
     cfg = load_config(DefenseEvalConfig, args.config, args.set)
     report = run_defense_evaluation(cfg)
+    print(report.markdown)
+    return 0
+
+
+def _cmd_eval_adaptive(args: argparse.Namespace) -> int:
+    from trn.config import load_config
+    from trn.robustness import AdaptiveEvalConfig, run_adaptive_evaluation
+
+    cfg = load_config(AdaptiveEvalConfig, args.config, args.set)
+    report = run_adaptive_evaluation(cfg)
     print(report.markdown)
     return 0
 
@@ -85,7 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a TRN restorer against a frozen guard (resumable)")
     s.add_argument("--config", required=True, help="YAML file (see configs/trn_fmnist.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.add_argument("--address", default=None, help="train on this Ray cluster (auto | HOST:PORT) with Ray Train")
+    s.add_argument("--workers", type=int, default=None,
+                   help="Ray Train DDP workers (default: one process, no Ray); batch_size is split over them")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (NCCL when > 0)")
     s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("train-robust", help="adversarially train a restorer through the whole pipeline (resumable)")
+    s.add_argument("--config", required=True, help="YAML file (see configs/trn_fmnist_robust.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.set_defaults(fn=_cmd_train_robust)
 
     s = sub.add_parser("eval", help="gray-box and adaptive robustness report (Markdown + JSON + PNGs)")
     s.add_argument("--config", required=True, help="YAML file (see configs/eval_fmnist.yaml)")
@@ -139,6 +223,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML file (see configs/eval_defenses_fmnist.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
     s.set_defaults(fn=_cmd_eval_defenses)
+
+    s = sub.add_parser("train-agnostic", help="train a downstream-agnostic restorer against a classifier zoo")
+    s.add_argument("--config", required=True, help="YAML file (see configs/trn_fmnist_agnostic.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.set_defaults(fn=_cmd_train_agnostic)
+
+    s = sub.add_parser("fit", help="fit a shipped restorer to your classifier and data (minutes on CPU)")
+    s.add_argument("--classifier", required=True, help="trn checkpoint, TorchScript file or torch.export .pt2")
+    s.add_argument("--data", default=None, help="image folder, .npz, or a built-in dataset name (default: "
+                                                "fashion-mnist)")
+    s.add_argument("--restorer", default=None, help="restorer checkpoint to start from (default: "
+                                                    "checkpoints/trn_fmnist_agnostic)")
+    s.add_argument("--out", default=None, help="output checkpoint, no suffix (default: runs/fit/trn_fitted)")
+    s.add_argument("--images", type=int, default=None, help="training images to see (default 4096)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a FitConfig option")
+    s.set_defaults(fn=_cmd_fit)
+
+    s = sub.add_parser("eval-downstream", help="restorers x downstream classifiers matrix (Markdown + JSON + PNG)")
+    s.add_argument("--config", required=True, help="YAML file (see configs/eval_downstream_fmnist.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.set_defaults(fn=_cmd_eval_downstream)
+
+    s = sub.add_parser("eval-adaptive", help="strong adaptive evaluation: APGD-CE/DLR, PGD variants, EOT, Square, "
+                                             "worst case per image, gradient-masking sanity checks")
+    s.add_argument("--config", required=True, help="YAML file (see configs/eval_robust_fmnist.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    s.set_defaults(fn=_cmd_eval_adaptive)
     return p
 
 

@@ -12,13 +12,15 @@
     exact derivative can mislead more than it helps (only for restorers with a gradient stream);
   - ``bpda``: the restorer treated as the identity in the backward pass (Athalye et al. 2018).
 
+The gray-box cache (keyed on the images' content, checked against the budget on load), the white-box variants and
+the worst case come from :mod:`trn.robustness`, the harness every robustness report shares.
+
 Outputs in ``out_dir``: ``report.md``, ``report.json``, ``samples.png`` (clean / adversarial / gradient map /
 restored) and ``accuracy_vs_eps.png``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,11 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
-from trn.attacks import Attack, create_attack
+from trn.attacks import PGD
 from trn.checkpoint import checkpoint_digest
 from trn.classifiers import load_classifier
 from trn.config import to_dict
@@ -39,7 +39,18 @@ from trn.data import load_dataset
 from trn.errors import ConfigError
 from trn.gradients import GradientMapEstimator, estimate_gradient_map, map_channels
 from trn.restorer import Restorer
-from trn.utils import batches, pick_device, seed_everything
+from trn.robustness import (
+    Pipeline,
+    accuracy,
+    bpda,
+    defended_model,
+    gray_box_images,
+    make_attack,
+    variants_for,
+    whitebox_correct,
+    worst_case,
+)
+from trn.utils import pick_device, seed_everything
 
 __all__ = ["EvalConfig", "EvalReport", "Pipeline", "bpda", "make_attack", "run_evaluation"]
 log = logging.getLogger(__name__)
@@ -74,45 +85,7 @@ class EvalConfig:
     batch_size: int = 500
     device: str = "auto"
     out_dir: str = "runs/eval_fmnist"
-    cache: bool = True                       # reuse gray-box adversarial images across runs (keyed by guard + attack)
-
-
-def make_attack(name: str, eps: float, cfg: EvalConfig) -> Attack:
-    """The evaluation's attack settings (fixed here so every row sees the same attack)."""
-    l2 = cfg.l2_per_linf * eps
-    settings = {
-        "fgsm": {"eps": eps},
-        "bim": {"eps": eps, "steps": 20},
-        "pgd": {"eps": eps, "steps": 40},
-        "mim": {"eps": eps, "steps": 20},
-        "cw": {"eps": l2, "c": 5.0, "steps": 50, "lr": 0.05},
-        "deepfool": {"eps": l2, "steps": 50, "overshoot": 0.02},
-    }
-    if name not in settings:
-        raise ConfigError(f"unknown evaluation attack {name!r}; choose from {sorted(settings)}")
-    return create_attack(name, seed=cfg.seed, **settings[name])
-
-
-class Pipeline(nn.Module):
-    """``classifier(preprocess(x))``: a defended model an attacker can differentiate end to end."""
-
-    def __init__(self, classifier: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.classifier, self.preprocess = classifier, preprocess
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.preprocess(x))
-
-
-def bpda(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Backward Pass Differentiable Approximation: ``fn`` forward, identity backward (Athalye et al. 2018)."""
-
-    def wrapped(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            y = fn(x.detach())
-        return x + (y - x).detach()
-
-    return wrapped
+    cache: bool = True                       # reuse gray-box images across runs (keyed on images + guard + attack)
 
 
 @dataclass
@@ -121,72 +94,22 @@ class EvalReport:
     markdown: str
 
 
-def _digest(path: str) -> str:
-    return checkpoint_digest(path, 12)  # 12 digits: the length existing gray-box caches are keyed with
-
-
 def _gray_box(guard: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, cfg: EvalConfig,
-              cache_dir: Path, tag: str, device: torch.device) -> torch.Tensor:
-    """Adversarial images against the guard alone, cached on disk by (guard digest, attack, eps, subset)."""
+              device: torch.device) -> torch.Tensor:
+    """Adversarial images against the guard alone (:func:`trn.robustness.gray_box_images`, cached by content)."""
     if name == "clean":
         return x
-    atk = make_attack(name, eps, cfg)
-    key = hashlib.sha256(json.dumps([tag, atk.params(), len(x), cfg.seed], sort_keys=True, default=str).encode())
-    path = cache_dir / f"{name}_{eps:g}_{len(x)}_{key.hexdigest()[:12]}.safetensors"
-    if cfg.cache and path.exists():
-        return load_file(str(path))["x_adv"]
-    out = []
-    for s in tqdm(list(batches(len(x), cfg.batch_size)), desc=f"gray-box {name} eps={eps:g} (n={len(x)})"):
-        out.append(atk(guard, x[s].to(device), y[s].to(device)).cpu())
-    x_adv = torch.cat(out)
-    if cfg.cache:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")  # write then rename: a killed run never leaves a truncated cache
-        save_file({"x_adv": x_adv.contiguous()}, str(tmp))
-        tmp.replace(path)
-    return x_adv
-
-
-@torch.no_grad()
-def _accuracy(model: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-              needs_labels: bool = False) -> float:
-    correct = 0
-    for s in batches(len(x), batch_size):
-        xb, yb = x[s].to(device), y[s].to(device)
-        logits = model(xb, yb) if needs_labels else model(xb)
-        correct += (logits.argmax(1) == yb).sum().item()
-    return correct / max(len(x), 1)
-
-
-def _adaptive(attacked: nn.Module, defended: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-              cfg: EvalConfig, desc: str, device: torch.device) -> torch.Tensor:
-    """Per-image correctness (bool, (N,)) of ``defended`` on PGD images whose gradients come from ``attacked``
-    (the same pipeline, or one with a surrogate backward pass)."""
-    atk = create_attack("pgd", eps=eps, steps=cfg.adaptive_steps, seed=cfg.seed)
-    correct = []
-    for s in tqdm(list(batches(len(x), min(cfg.batch_size, 250))), desc=desc):
-        xb, yb = x[s].to(device), y[s].to(device)
-        x_adv = atk(attacked, xb, yb)
-        with torch.no_grad():
-            correct.append((defended(x_adv).argmax(1) == yb).cpu())
-    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-
-
-def _adaptive_pipelines(guard: nn.Module, r: Restorer) -> dict[str, nn.Module]:
-    """Kind -> the pipeline an adaptive attacker differentiates (see the module docstring)."""
-    out = {"e2e": Pipeline(guard, lambda x: r(x, create_graph=True))}
-    if r.net.cfg.two_stream:
-        out["gconst"] = Pipeline(guard, r)  # create_graph=False: the map is recomputed but detached, a constant
-    out["bpda"] = Pipeline(guard, bpda(r))
-    return out
+    cache = Path(cfg.out_dir) / "cache" if cfg.cache else None
+    return gray_box_images(guard, x, y, make_attack(name, eps, cfg), cache_dir=cache,
+                           guard_id=checkpoint_digest(cfg.guard, 12), dataset_id=f"{cfg.dataset}:{cfg.data_dir}",
+                           batch_size=cfg.batch_size, device=device, desc=f"gray-box {name} eps={eps:g} (n={len(x)})")
 
 
 def _defences(cfg: EvalConfig, guard: nn.Module, device: torch.device) -> tuple[dict, dict]:
-    """Name -> (x -> logits) for gray-box rows; name -> (defended model, {kind: pipeline}) for adaptive rows."""
+    """Name -> (x -> logits) for gray-box rows; name -> defended model (guard(restorer(x))) for adaptive rows."""
     trn = Restorer.load(cfg.restorer, device)
     rows: dict[str, Callable] = {"no defence": guard, "TRN": lambda x: guard(trn(x))}
-    adaptive: dict[str, tuple[Callable, dict[str, nn.Module]]] = {
-        "TRN": (rows["TRN"], _adaptive_pipelines(guard, trn))}
+    adaptive: dict[str, nn.Module] = {"TRN": defended_model(guard, trn)}
     for mode in cfg.estimator_ablation:
         if trn.net.cfg.two_stream and map_channels(mode, trn.net.cfg.in_channels) != trn.net.map_channels:
             raise ConfigError(f"estimator_ablation {mode!r} gives maps the restorer's network cannot read")
@@ -195,7 +118,7 @@ def _defences(cfg: EvalConfig, guard: nn.Module, device: torch.device) -> tuple[
     for name, path in cfg.ablations.items():
         r = Restorer.load(path, device)
         rows[name] = lambda x, r=r: guard(r(x))
-        adaptive[name] = (rows[name], _adaptive_pipelines(guard, r))
+        adaptive[name] = defended_model(guard, r)
     if cfg.oracle and trn.net.cfg.two_stream:
         scale, copies = trn.estimator.scale, trn.net.map_channels // trn.net.cfg.in_channels  # dual: in both halves
 
@@ -223,20 +146,18 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
     main = test.subset(cfg.n_main, cfg.seed)
     sub = test.subset(cfg.n_subset, cfg.seed)
     rows, extra = _defences(cfg, guard, device)
-    tag = _digest(cfg.guard)
-    cache_dir = out / "cache"
     results: dict = {"config": to_dict(cfg), "n_main": len(main), "n_subset": len(sub), "gray_box": {},
                      "sweep": {}, "adaptive": {}}
 
     def row_accuracies(x_adv: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         accs = {}
         for name, fn in rows.items():
-            accs[name] = _accuracy(fn, x_adv, y, cfg.batch_size, device, needs_labels="oracle" in name)
+            accs[name] = accuracy(fn, x_adv, y, cfg.batch_size, device, needs_labels="oracle" in name)
         return accs
 
     # 1. gray-box at eps_main on the main set
     for name in ["clean", *cfg.attacks]:
-        x_adv = _gray_box(guard, main.images, main.labels, name, cfg.eps_main, cfg, cache_dir, tag, device)
+        x_adv = _gray_box(guard, main.images, main.labels, name, cfg.eps_main, cfg, device)
         results["gray_box"][name] = row_accuracies(x_adv, main.labels)
         log.info("gray-box %s: %s", name, results["gray_box"][name])
         if name == "pgd":
@@ -245,17 +166,19 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
     for eps in cfg.eps_sweep:
         results["sweep"][str(eps)] = {}
         for name in cfg.attacks:
-            x_adv = _gray_box(guard, sub.images, sub.labels, name, eps, cfg, cache_dir, tag, device)
+            x_adv = _gray_box(guard, sub.images, sub.labels, name, eps, cfg, device)
             results["sweep"][str(eps)][name] = row_accuracies(x_adv, sub.labels)
     # 3. adaptive white-box on the subset: each variant, then the per-image worst case over them
     for eps in cfg.adaptive_eps:
         e = str(eps)
         results["adaptive"][e] = {"no defence": results["sweep"].get(e, {}).get("pgd", {}).get("no defence")}
-        for name, (defended, pipelines) in extra["adaptive"].items():
-            per_kind = {kind: _adaptive(model, defended, sub.images, sub.labels, eps, cfg,
-                                        f"adaptive {kind} PGD-{cfg.adaptive_steps} {name} eps={eps:g}", device)
-                        for kind, model in pipelines.items()}
-            worst = torch.stack(list(per_kind.values())).all(0)
+        for name, stack in extra["adaptive"].items():
+            atk = PGD(eps=eps, steps=cfg.adaptive_steps, seed=cfg.seed)
+            per_kind = {kind: whitebox_correct(stack, sub.images, sub.labels, kind, atk,
+                                               batch_size=min(cfg.batch_size, 250), device=device,
+                                               desc=f"adaptive {kind} PGD-{cfg.adaptive_steps} {name} eps={eps:g}")
+                        for kind in variants_for(stack, naive=False)}
+            worst = worst_case(per_kind)
             results["adaptive"][e][name] = {**{k: v.float().mean().item() for k, v in per_kind.items()},
                                             "worst": worst.float().mean().item()}
             log.info("adaptive eps=%g %s: %s", eps, name, results["adaptive"][e][name])

@@ -7,8 +7,9 @@ guards). Columns, all at one Linf budget ``eps``:
 * **clean** and **gray-box** FGSM / PGD-40 / CW-L2 on ``n`` seeded test images (None: the full test set), and the
   gray-box PGD eps sweep on ``n_subset`` of them (a cheaper seeded subset). Gray-box images are crafted once on
   the undefended guard (the attacker does not know about the defence) and shared by every row; for rows with their
-  own classifier (GFA, adversarial training) they are therefore transfer attacks. Cached on disk like
-  :mod:`trn.evaluate` does (same cache keys, so the two evaluations can share one cache).
+  own classifier (GFA, adversarial training) they are therefore transfer attacks. Cached on disk by
+  :func:`trn.robustness.gray_box_images` (keyed on the images' content, checked against the budget on load; the same
+  keys as :mod:`trn.evaluate`, so the two evaluations can share one cache).
 * **white-box** PGD through the whole defended model on ``n_adaptive`` of the ``n_subset`` images, in up to four
   variants:
   ``naive`` (autograd through everything as built: what a careless evaluation reports; run only where it differs),
@@ -22,7 +23,8 @@ guards). Columns, all at one Linf budget ``eps``:
 
 Outputs in ``out_dir``: ``report.md``, ``report.json``, ``accuracy_vs_eps.png`` (gray-box PGD vs eps, adaptive points
 at ``eps``) and ``state.json`` (finished cells, reused on a re-run with the same settings when ``resume`` is on).
-Warnings in the report flag the signatures of gradient masking (naive >> adaptive, Square < white-box).
+Warnings in the report flag the signatures of gradient masking (naive >> adaptive, Square < white-box). The
+white-box variants, EOT (gradients averaged over draws), Square and the worst case come from :mod:`trn.robustness`.
 """
 
 from __future__ import annotations
@@ -31,27 +33,37 @@ import hashlib
 import json
 import logging
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from trn.attacks import PGD, Square
-from trn.checkpoint import checkpoint_paths
+from trn.attacks import PGD
+from trn.checkpoint import checkpoint_digest
 from trn.classifiers import load_classifier
 from trn.config import from_dict, to_dict
 from trn.data import load_dataset
-from trn.defenses.base import bpda_policy
-from trn.defenses.stack import DefenseStack, RestorerStage, build_defense_stack, parse_defense_spec
+from trn.defenses.stack import parse_defense_spec
 from trn.errors import ConfigError
-from trn.evaluate import ATTACK_LABELS, _accuracy, _digest, _gray_box, make_attack
-from trn.utils import batches, pick_device, seed_everything
+from trn.evaluate import ATTACK_LABELS
+from trn.robustness import (
+    VARIANTS,
+    BuiltRow,
+    DefenseRow,
+    accuracy,
+    content_digest,
+    gray_box_images,
+    holding_maps,
+    make_attack,
+    square_correct,
+    variants_for,
+    whitebox_correct,
+)
+from trn.robustness import build_rows as _build_rows
+from trn.utils import pick_device, seed_everything
 
 __all__ = [
     "DefenseEvalConfig",
@@ -64,17 +76,6 @@ __all__ = [
     "whitebox_correct",
 ]
 log = logging.getLogger(__name__)
-
-VARIANTS = ("naive", "e2e", "gconst", "bpda")
-_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "gconst": "nondifferentiable", "bpda": "all"}
-
-
-@dataclass(frozen=True)
-class DefenseRow:
-    name: str                                           # row label in the table (unique)
-    defenses: list[Any] = field(default_factory=list)  # build_defense_stack spec; [] = the bare classifier
-    classifier: str | None = None                       # classifier checkpoint; None: the config's guard
-
 
 def _default_rows() -> list[DefenseRow]:
     return [
@@ -119,7 +120,7 @@ class DefenseEvalConfig:
     batch_size: int = 250                        # also the batch UniG unifies over
     device: str = "auto"
     out_dir: str = "runs/eval_defenses_fmnist"
-    cache: bool = True                           # reuse gray-box adversarial images (keyed by guard + attack)
+    cache: bool = True                           # reuse gray-box images (keyed on images + guard + attack)
     cache_dir: str | None = None                 # None: out_dir/cache
     resume: bool = True                          # reuse finished cells from out_dir/state.json
 
@@ -153,183 +154,22 @@ class DefenseReport:
 
 
 # ----------------------------------------------------------------------------------------------- rows
-@dataclass
-class _Row:
-    name: str
-    model: DefenseStack
-    fingerprint: dict   # what the cached cells of this row depend on
-
-
-class _Restorers:
-    """Load each TRN checkpoint once and share it between rows."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.loaded, self.digests = device, {}, {}
-
-    def get(self, path: str) -> nn.Module:
-        if path not in self.loaded:
-            from trn.restorer import Restorer  # lazy: only when a row uses the TRN
-
-            self.loaded[path] = Restorer.load(path, self.device)
-            self.digests[path] = _digest(path)
-        return self.loaded[path]
-
-
-def _exists(path: str) -> bool:
-    return all(p.is_file() for p in checkpoint_paths(path))
-
-
-def _row_spec(row: DefenseRow, default_restorer: str) -> tuple[list, list[str], bool]:
-    """(spec with every 'trn' entry naming its checkpoint, restorer paths used, uses UniG)."""
-    parsed = parse_defense_spec(row.defenses)  # raises a clear ConfigError on unknown names / parameters
-    spec, paths, unig = [], [], False
-    for name, params in parsed:
-        if name == "trn":
-            params = {"checkpoint": default_restorer, **params}
-            paths.append(str(params["checkpoint"]))
-        unig |= name == "unig"
-        spec.append({"name": name, **params})
-    return spec, paths, unig
+_Row = BuiltRow
+_holding_maps = holding_maps  # kept for callers of the old private name
 
 
 def build_rows(cfg: DefenseEvalConfig, guard: nn.Module, device: torch.device,
-               reference_images: Callable[[], torch.Tensor] | None = None) -> tuple[list[_Row], dict[str, str]]:
-    """Build every row's defended model; returns (rows, skipped row -> reason).
-
-    All specs are checked before anything is loaded, so a typo in the last row fails at once.
-
-    Raises:
-        ConfigError: a bad spec (message names the row), or a missing checkpoint when ``skip_missing`` is off.
-    """
-    checked = []
-    for row in cfg.rows:
-        if not isinstance(row.defenses, list):
-            raise ConfigError(f"row {row.name!r}: defenses must be a list, got {row.defenses!r}")
-        try:
-            checked.append((row, *_row_spec(row, cfg.restorer)))
-        except ConfigError as e:
-            raise ConfigError(f"row {row.name!r}: {e}") from e
-    restorers, rows, skipped = _Restorers(device), [], {}
-    for row, spec, trn_paths, uses_unig in checked:
-        missing = [p for p in [row.classifier, *trn_paths] if p is not None and not _exists(p)]
-        if missing:
-            msg = f"checkpoint(s) not found: {missing}"
-            if not cfg.skip_missing:
-                raise ConfigError(f"row {row.name!r}: {msg} (train it first, or set skip_missing: true)")
-            warnings.warn(f"skipping row {row.name!r}: {msg}", stacklevel=2)
-            skipped[row.name] = msg
-            continue
-        classifier, clf_digest = guard, _digest(cfg.guard)
-        if row.classifier is not None:
-            classifier, _ = load_classifier(row.classifier, device)
-            clf_digest = _digest(row.classifier)
-            for p in classifier.parameters():
-                p.requires_grad_(False)
-        for entry in spec:
-            if entry["name"] == "unig":
-                if "reference_images" not in entry and "reference_dataset" not in entry and reference_images:
-                    entry["reference_images"] = reference_images()
-                entry.setdefault("seed", cfg.seed)
-        build_spec = [{k: v for k, v in e.items() if not (e["name"] == "trn" and k == "checkpoint")} for e in spec]
-        trn = [restorers.get(p) for p in trn_paths]
-        try:
-            if len(set(trn_paths)) > 1:
-                raise ConfigError("one row can use one TRN checkpoint")
-            model = build_defense_stack(build_spec, classifier, restorer=trn[0] if trn else None)
-        except ConfigError as e:
-            raise ConfigError(f"row {row.name!r}: {e}") from e
-        json_spec = [{k: v for k, v in e.items() if not isinstance(v, torch.Tensor)} for e in spec]
-        fingerprint = {"spec": json_spec, "classifier": clf_digest,
-                       "restorers": [restorers.digests[p] for p in trn_paths]}
-        rows.append(_Row(row.name, model.eval(), fingerprint))
-    return rows, skipped
+               reference_images: Callable[[], torch.Tensor] | None = None) -> tuple[list[BuiltRow], dict[str, str]]:
+    """Every row's defended model (:func:`trn.robustness.build_rows` with this config); (rows, skipped -> reason)."""
+    return _build_rows(cfg.rows, guard, cfg.guard, device, default_restorer=cfg.restorer,
+                       skip_missing=cfg.skip_missing, seed=cfg.seed, reference_images=reference_images)
 
 
-# ----------------------------------------------------------------------------------------------- attacks
-class _AttackView(nn.Module):
-    """What the white-box attacker differentiates: the defended model's logits, EOT-averaged when random."""
-
-    def __init__(self, model: DefenseStack, samples: int) -> None:
-        super().__init__()
-        self.model, self.samples = model, samples
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.expected_logits(x, self.samples)
-
-
-def _variants(model: DefenseStack, naive: bool) -> list[str]:
-    """The white-box variants that differ for this model (``e2e`` always)."""
-    out = []
-    if naive and (not model.differentiable or model.randomized):
-        out.append("naive")
-    out.append("e2e")
-    stages = model.preprocessor.stages
-    if any(isinstance(s, RestorerStage) and s.has_map for s in stages):
-        out.append("gconst")
-    if any(getattr(s, "differentiable", True) for s in stages):  # BPDA on the whole input side differs from e2e
-        out.append("bpda")
-    return out
-
-
-@contextmanager
-def _holding_maps(model: nn.Module, on: bool) -> Iterator[None]:
-    """Temporarily set ``hold_map`` on every TRN stage of ``model`` (a no-op when ``on`` is False)."""
-    stages = [m for m in model.modules() if isinstance(m, RestorerStage)] if on else []
-    before = [m.hold_map for m in stages]
-    for m in stages:
-        m.hold_map = True
-    try:
-        yield
-    finally:
-        for m, held in zip(stages, before, strict=True):
-            m.hold_map = held
-
-
-def whitebox_correct(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, variant: str, eps: float,
-                     steps: int = 40, alpha: float | None = None, eot_samples: int = 8, batch_size: int = 250,
-                     seed: int = 0, device: torch.device | str = "cpu", desc: str = "") -> torch.Tensor:
-    """Per-image correctness of ``model`` under a white-box PGD variant (``naive``, ``e2e``, ``gconst`` or ``bpda``).
-
-    ``gconst`` is ``e2e`` with every TRN's gradient map recomputed at each step but held constant in the backward
-    pass (see :class:`~trn.defenses.stack.RestorerStage`).
-
-    The attack differentiates the model with the variant's BPDA policy (and EOT for every variant but ``naive`` when
-    the model is random); the returned correctness is that of the real defended model on the adversarial images.
-
-    Returns:
-        (N,) bool tensor on the CPU.
-    """
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown white-box variant {variant!r}; choose from {list(VARIANTS)}")
-    atk = PGD(eps=eps, steps=steps, alpha=alpha, seed=seed)
-    view = _AttackView(model, eot_samples if variant != "naive" and model.randomized else 1)
-    out = []
-    for s in tqdm(list(batches(len(x), batch_size)), desc=desc or f"white-box {variant}", leave=False):
-        xb, yb = x[s].to(device), y[s].to(device)
-        with bpda_policy(model, _POLICY[variant]), _holding_maps(model, variant == "gconst"):
-            x_adv = atk(view, xb, yb)
-        with torch.no_grad():
-            out.append((model(x_adv).argmax(1) == yb).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
-
-
-def _square(model: DefenseStack, x: torch.Tensor, y: torch.Tensor, cfg: DefenseEvalConfig, device: torch.device,
-            desc: str) -> dict:
-    atk = Square(eps=cfg.eps, queries=cfg.square_queries, p_init=cfg.square_p_init, seed=cfg.seed)
-    clean, correct, queries = [], [], []
-    for s in tqdm(list(batches(len(x), cfg.batch_size)), desc=desc, leave=False):
-        xb, yb = x[s].to(device), y[s].to(device)
-        with torch.no_grad():
-            clean.append((model(xb).argmax(1) == yb).cpu())
-        x_adv = atk(model, xb, yb)
-        queries.append(atk.last_queries)
-        with torch.no_grad():
-            correct.append((model(x_adv).argmax(1) == yb).cpu())
-    ok0, ok, q = torch.cat(clean), torch.cat(correct), torch.cat(queries).float()
-    broken = q[ok0 & ~ok]  # queries Square needed on the images it turned from right to wrong
-    return {"accuracy": ok.float().mean().item(), "correct": ok.tolist(),
-            "median_queries_success": broken.median().item() if len(broken) else None,
-            "mean_queries": q.mean().item()}
+def _gray(guard: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, cfg: DefenseEvalConfig,
+          cache_dir: Path | None, device: torch.device) -> torch.Tensor:
+    return gray_box_images(guard, x, y, make_attack(name, eps, cfg), cache_dir=cache_dir,
+                           guard_id=checkpoint_digest(cfg.guard, 12), dataset_id=f"{cfg.dataset}:{cfg.data_dir}",
+                           batch_size=cfg.batch_size, device=device, desc=f"gray-box {name} eps={eps:g} (n={len(x)})")
 
 
 # ----------------------------------------------------------------------------------------------- resumable cells
@@ -397,21 +237,22 @@ def run_defense_evaluation(cfg: DefenseEvalConfig) -> DefenseReport:
 
     rows, skipped = build_rows(cfg, guard, device, references)
     cells = _Cells(out / "state.json", cfg.resume)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    tag = _digest(cfg.guard)
+    cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else out / "cache") if cfg.cache else None
 
     # gray-box images: crafted once on the undefended guard, shared by every row
     gray: dict[str, torch.Tensor] = {"clean": main.images}
     for name in cfg.gray_box:
-        gray[name] = _gray_box(guard, main.images, main.labels, name, cfg.eps, cfg, cache_dir, tag, device)
+        gray[name] = _gray(guard, main.images, main.labels, name, cfg.eps, cfg, cache_dir, device)
     same = len(sub) == len(main)
     sweep_imgs = {e: (gray["pgd"] if same and e == cfg.eps and "pgd" in gray else
-                      _gray_box(guard, sub.images, sub.labels, "pgd", e, cfg, cache_dir, tag, device))
+                      _gray(guard, sub.images, sub.labels, "pgd", e, cfg, cache_dir, device))
                   for e in cfg.eps_sweep}
 
     def common(n: int) -> dict:  # what every cell computed on n images depends on besides its own settings
+        x, y = (main.images, main.labels) if n == len(main) else (sub.images, sub.labels)
         return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "n": n, "seed": cfg.seed, "eps": cfg.eps,
-                "batch_size": cfg.batch_size}
+                "batch_size": cfg.batch_size, "content": content_digest(x, y),
+                "harness": 2}  # 2: EOT averages gradients (trn.robustness); cells of older runs are recomputed
 
     data = _EvalData(main.labels, gray, sub.labels, sweep_imgs, x_adv_set, y_adv_set, x_sq, y_sq, idx_sq_in_adv,
                      common(len(main)), common(len(sub)))
@@ -469,25 +310,26 @@ def _evaluate_row(row: _Row, cfg: DefenseEvalConfig, data: _EvalData, cells: _Ce
         secs[column] = round(time.time() - t0, 1)
         return value
 
-    def accuracy(imgs: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
-        return lambda: _accuracy(model, imgs, labels, cfg.batch_size, device)
+    def acc_of(imgs: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+        return lambda: accuracy(model, imgs, labels, cfg.batch_size, device)
 
     table: dict[str, float | None] = {}
     for name, imgs in data.gray.items():
         table[name] = cell(name, [make_attack(name, cfg.eps, cfg).params() if name != "clean" else None],
-                           accuracy(imgs, data.labels), on_subset=False)
+                           acc_of(imgs, data.labels), on_subset=False)
     same = data.common == data.common_subset
     sweep = {e: table["pgd"] if same and e == cfg.eps and "pgd" in table else
-             cell(f"sweep {e:g}", [make_attack("pgd", e, cfg).params()], accuracy(imgs, data.sweep_labels))
+             cell(f"sweep {e:g}", [make_attack("pgd", e, cfg).params()], acc_of(imgs, data.sweep_labels))
              for e, imgs in data.sweep.items()}
 
     wb: dict[str, float | None] = {v: None for v in VARIANTS}
     worst = torch.ones(len(data.y_adv), dtype=torch.bool)
-    for variant in _variants(model, cfg.naive):
+    for variant in variants_for(model, cfg.naive):
         def attack(variant: str = variant) -> list[bool]:
-            return whitebox_correct(model, data.x_adv, data.y_adv, variant, cfg.eps, cfg.adaptive_steps,
-                                    cfg.adaptive_alpha, cfg.eot_samples, cfg.batch_size, cfg.seed, device,
-                                    f"{row.name}: white-box {variant}").tolist()
+            atk = PGD(eps=cfg.eps, steps=cfg.adaptive_steps, alpha=cfg.adaptive_alpha, seed=cfg.seed)
+            return whitebox_correct(model, data.x_adv, data.y_adv, variant, atk, eot_samples=cfg.eot_samples,
+                                    batch_size=cfg.batch_size, device=device,
+                                    desc=f"{row.name}: white-box {variant}").tolist()
 
         settings = [variant, cfg.adaptive_steps, cfg.adaptive_alpha, cfg.eot_samples, len(data.y_adv)]
         mask = torch.tensor(cell(f"white-box {variant}", settings, attack), dtype=torch.bool)
@@ -498,7 +340,8 @@ def _evaluate_row(row: _Row, cfg: DefenseEvalConfig, data: _EvalData, cells: _Ce
         wb["naive"] = wb["e2e"]  # the naive attack is the end-to-end one for a differentiable, deterministic model
 
     sq = cell("square", [cfg.square_queries, cfg.square_p_init, len(data.y_sq)],
-              lambda: _square(model, data.x_sq, data.y_sq, cfg, device, f"{row.name}: Square"))
+              lambda: square_correct(model, data.x_sq, data.y_sq, cfg.eps, cfg.square_queries, cfg.square_p_init,
+                                     cfg.seed, cfg.batch_size, device, f"{row.name}: Square"))
     adaptive_on_sq = worst[data.sq_in_adv].float().mean().item()
     table.update({"whitebox_naive": wb["naive"], "adaptive": wb["adaptive"], "square": sq["accuracy"]})
     square = {k: v for k, v in sq.items() if k != "correct"}

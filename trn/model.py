@@ -12,7 +12,6 @@ Forward is split the way it reads: :meth:`TRN.encode_image`, :meth:`TRN.encode_g
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trn.errors import ConfigError, ShapeError
+from trn.registry import Registry
 
-__all__ = ["TRN", "FusionBlock", "TRNConfig", "create_trn", "list_trn_variants"]
+__all__ = ["TRN", "TRN_VARIANTS", "FusionBlock", "TRNConfig", "create_trn", "list_trn_variants"]
 
 
 @dataclass(frozen=True)
@@ -142,22 +142,39 @@ class TRN(nn.Module):
         return (x + delta).clamp(0.0, 1.0)
 
 
-_VARIANTS: dict[str, Callable[..., TRNConfig]] = {
-    "trn_small_28": lambda **kw: TRNConfig(**{"in_channels": 1, "width": 16, "levels": 3, **kw}),
-    "trn_base_32": lambda **kw: TRNConfig(**{"in_channels": 3, "width": 32, "levels": 3, **kw}),
-    "trn_tiny": lambda **kw: TRNConfig(**{"in_channels": 1, "width": 4, "levels": 2, **kw}),
-}
+TRN_VARIANTS: Registry[TRN] = Registry("TRN variant")
 
 
-def list_trn_variants() -> list[str]:
-    return sorted(_VARIANTS)
+@TRN_VARIANTS.register("trn_small_28")
+def trn_small_28(**overrides) -> TRN:
+    """Grey 28x28 images (Fashion-MNIST): width 16, 3 levels (16/32/64 channels), ~0.19M parameters."""
+    return TRN(TRNConfig(**{"in_channels": 1, "width": 16, "levels": 3, **overrides}))
+
+
+@TRN_VARIANTS.register("trn_base_32")
+def trn_base_32(**overrides) -> TRN:
+    """Colour 32x32 images (CIFAR-10, SVHN): width 32, 3 levels (32/64/128 channels), ~0.76M parameters."""
+    return TRN(TRNConfig(**{"in_channels": 3, "width": 32, "levels": 3, **overrides}))
+
+
+@TRN_VARIANTS.register("trn_tiny", public=False)
+def trn_tiny(**overrides) -> TRN:
+    """Test-only: width 4, 2 levels (fast, untrained-quality); left out of :func:`list_trn_variants`."""
+    return TRN(TRNConfig(**{"in_channels": 1, "width": 4, "levels": 2, **overrides}))
+
+
+def list_trn_variants(include_private: bool = False) -> list[str]:
+    """Names :func:`create_trn` accepts (test-only variants such as ``trn_tiny`` only with ``include_private``)."""
+    return TRN_VARIANTS.list(include_private)
 
 
 def create_trn(name: str = "trn_small_28", **overrides) -> TRN:
-    """Build a named TRN variant; ``overrides`` replace :class:`TRNConfig` fields (e.g. ``two_stream=False``)."""
-    if name not in _VARIANTS:
-        raise ConfigError(f"unknown TRN variant {name!r}; available: {list_trn_variants()}")
-    try:
-        return TRN(_VARIANTS[name](**overrides))
-    except TypeError as e:
-        raise ConfigError(f"bad TRN option for {name!r}: {e}") from e
+    """Build a named TRN variant; ``overrides`` replace :class:`TRNConfig` fields (e.g. ``two_stream=False``).
+
+    Raises:
+        ConfigError: unknown variant, or an override that is not a :class:`TRNConfig` field.
+
+    Example:
+        >>> net = create_trn("trn_small_28", two_stream=False)
+    """
+    return TRN_VARIANTS.create(name, **overrides)

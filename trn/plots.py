@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_accuracy_vs_eps", "save_sample_grid"]
+__all__ = ["plot_accuracy_vs_eps", "plot_adaptive", "save_sample_grid"]
 
 
 def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, restorer, device=None) -> Path:
@@ -74,6 +74,35 @@ def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="center right")  # the adaptive points sit low at the middle eps
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_adaptive(path: str | Path, results: dict) -> Path:
+    """Bars per row of the strong adaptive evaluation: clean, transfer, gradient worst case, Square, worst case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    cols = [("clean", lambda r: r["clean"]), ("transfer PGD", lambda r: r["transfer_pgd"]),
+            ("gradient worst case", lambda r: r["gradient_worst"]), ("Square", lambda r: r["square"]["accuracy"]),
+            ("worst case", lambda r: r["worst"])]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 2), 4.2))
+    width = 0.8 / len(cols)
+    for k, (label, get) in enumerate(cols):
+        xs = [i + (k - (len(cols) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [100 * get(r) for r in rows.values()], width, label=label, color=f"C{k}")
+    ax.set_xticks(range(len(rows)), [n if len(n) <= 22 else n[:20] + "..." for n in rows], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(f"adaptive evaluation, Linf eps {results['eps']} ({results['n']} images)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -18,17 +18,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.checkpoint import load_checkpoint, save_checkpoint
 from trn.classifiers import create_classifier, load_classifier
 from trn.errors import CheckpointError, ConfigError, InputError
 from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import TRN, TRNConfig, create_trn
 from trn.validation import check_images
+from trn.weights import resolve_checkpoint
 
 __all__ = ["CHECKPOINT_DIR", "PRETRAINED", "Restorer"]
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-PRETRAINED = {"fashion-mnist": "trn_fmnist"}
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # the source checkout's; see trn.weights
+PRETRAINED = {"fashion-mnist": "trn_fmnist", "fashion-mnist-robust": "trn_fmnist_robust"}
 
 
 class Restorer(nn.Module):
@@ -157,13 +158,18 @@ class Restorer(nn.Module):
 
     @classmethod
     def pretrained(cls, name: str = "fashion-mnist", device: str | torch.device = "cpu") -> Restorer:
-        """The shipped checkpoint for ``name`` (see ``checkpoints/``)."""
+        """The restorer shipped for dataset ``name`` (``PRETRAINED`` maps it to a checkpoint name).
+
+        Found by :func:`trn.weights.resolve_checkpoint`: ``$TRN_WEIGHTS_DIR``, then the wheel's package data, then
+        the source checkout's ``checkpoints/``.
+
+        Raises:
+            ConfigError: no restorer is shipped for ``name``.
+            CheckpointError: the weights are not found (the message lists where it looked).
+        """
         if name not in PRETRAINED:
             raise ConfigError(f"no pretrained restorer {name!r}; available: {sorted(PRETRAINED)}")
-        path = CHECKPOINT_DIR / PRETRAINED[name]
-        if not checkpoint_paths(path)[0].is_file():
-            raise CheckpointError(f"shipped checkpoint missing: {path}.safetensors (retrain: see README)")
-        return cls.load(path, device)
+        return cls.load(resolve_checkpoint(PRETRAINED[name]), device)
 
     @classmethod
     def build(cls, image_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10, arch: str = "trn_tiny",

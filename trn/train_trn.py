@@ -12,8 +12,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +24,25 @@ from tqdm import tqdm
 from trn.attacks import create_attack
 from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from trn.config import to_dict
-from trn.data import load_dataset
+from trn.data import ImageDataset, load_dataset
 from trn.errors import CheckpointError, ConfigError
 from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import TRNConfig, create_trn
 from trn.restorer import Restorer
 from trn.utils import batches, pick_device, seed_everything
 
-__all__ = ["TRNTrainConfig", "make_adversarial_batch", "train_trn"]
+__all__ = [
+    "TRNTrainConfig",
+    "TrainingRun",
+    "build_training",
+    "cosine_lr",
+    "make_adversarial_batch",
+    "run_epochs",
+    "save_restorer",
+    "split_train_val",
+    "train_step",
+    "train_trn",
+]
 log = logging.getLogger(__name__)
 
 _TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
@@ -65,7 +78,7 @@ class TRNTrainConfig:
     out: str = "checkpoints/trn_fmnist"
     resume: bool = True                        # continue from OUT.train_state if present
     init_from: str | None = None               # start from this restorer checkpoint's net (a fine-tuning stage)
-    val_size: int = 500                        # quick held-out check at the end of each epoch
+    val_size: int = 500                        # training images held out (seeded) for the check after each epoch
 
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in _TRAIN_ATTACKS]
@@ -166,13 +179,44 @@ def _quick_val(restorer: Restorer, x: torch.Tensor, y: torch.Tensor) -> dict[str
     return {"clean": acc(x), "clean_restored": acc(restorer(x)), "pgd": acc(x_adv), "pgd_restored": acc(restorer(x_adv))}
 
 
-def train_trn(cfg: TRNTrainConfig) -> Restorer:
-    """Train per ``cfg``; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON) and return it."""
-    gen = seed_everything(cfg.seed)
-    rng = random.Random(cfg.seed)
-    device = pick_device(cfg.device)
-    train = load_dataset(cfg.dataset, cfg.data_dir, "train").subset(cfg.limit_train, cfg.seed)
-    test = load_dataset(cfg.dataset, cfg.data_dir, "test").subset(cfg.val_size, cfg.seed + 1)
+def split_train_val(train: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Hold ``val_size`` seeded images of the TRAINING set out for the per-epoch check; train on the rest.
+
+    The test split is never looked at while training (it is what ``trn eval`` reports on).
+
+    Raises:
+        ConfigError: ``val_size`` leaves no training images.
+    """
+    if val_size < 0 or val_size >= len(train):
+        raise ConfigError(f"val_size must be in [0, {len(train)}) for {len(train)} training images, got {val_size}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    val = ImageDataset(train.images[val_idx], train.labels[val_idx], train.class_names, f"{train.name}[val]")
+    rest = ImageDataset(train.images[train_idx], train.labels[train_idx], train.class_names, train.name)
+    return rest, val
+
+
+@dataclass
+class TrainingRun:
+    """What one training process (or one DDP rank) holds: data, networks, optimiser, schedule."""
+
+    cfg: TRNTrainConfig
+    train: ImageDataset
+    val: ImageDataset
+    restorer: Restorer
+    opt: torch.optim.Optimizer
+    init: dict
+    steps_per_epoch: int
+    device: torch.device
+
+
+def build_training(cfg: TRNTrainConfig, device: torch.device | None = None) -> TrainingRun:
+    """Seed everything, load the data (training set minus the validation hold-out), build net, restorer, AdamW."""
+    seed_everything(cfg.seed)
+    device = device or pick_device(cfg.device)
+    full = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    train, val = split_train_val(full, cfg.val_size, cfg.seed)
+    train = train.subset(cfg.limit_train, cfg.seed)
     c = train.shape[0]
     estimator = GradientMapEstimator(cfg.estimator_mode, cfg.estimator_k, cfg.estimator_scale,
                                      cfg.estimator_confidence)
@@ -180,42 +224,108 @@ def train_trn(cfg: TRNTrainConfig) -> Restorer:
     net = create_trn(cfg.arch, in_channels=c, two_stream=cfg.two_stream, grad_channels=0 if m == c else m)
     restorer = Restorer.from_guard_checkpoint(cfg.guard, net, estimator, device)
     init = _init_from(cfg, net, device) if cfg.init_from else {}
-    guard = restorer.guard
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    start_epoch, history = _load_train_state(cfg, restorer, opt)  # history: earlier epochs' validation
-    step = start_epoch * steps_per_epoch
-    rng = random.Random(cfg.seed + start_epoch)
-    t0 = time.time()
+    return TrainingRun(cfg, train, val, restorer, opt, init, -(-len(train) // cfg.batch_size), device)
+
+
+def train_step(net: torch.nn.Module, restorer: Restorer, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, cfg: TRNTrainConfig, rng: random.Random, lr: float) -> tuple[float, float]:
+    """One optimisation step on a batch (the single-process loop and every DDP rank run exactly this).
+
+    ``net`` is ``restorer.net`` or its DDP wrapper (which averages the gradients over ranks in ``backward``).
+
+    Returns:
+        (L1 pixel loss, KL guard loss) of this batch.
+
+    Shape:
+        x: (B, C, H, W) clean images in [0, 1]; y: (B,) labels.
+    """
+    guard = restorer.guard
+    x_in, _ = make_adversarial_batch(guard, x, y, cfg, rng)
+    with torch.no_grad():
+        p_clean = F.log_softmax(guard(x), 1)
+    g = restorer.gradient_map(x_in) if cfg.two_stream else None
+    restored = net(x_in, g)
+    pixel = F.l1_loss(restored, x)
+    kl = F.kl_div(F.log_softmax(guard(restored), 1), p_clean, log_target=True, reduction="batchmean")
+    loss = pixel + cfg.guard_weight * kl
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return pixel.item(), kl.item()
+
+
+def cosine_lr(cfg: TRNTrainConfig, step: int, total_steps: int) -> float:
+    """Cosine decay from ``cfg.lr`` to 0, a pure function of the step (resume-safe)."""
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
+
+
+def run_epochs(run: TrainingRun, net: torch.nn.Module, start_epoch: int = 0, history: list[dict] | None = None,
+               rank: int = 0, world: int = 1,
+               on_epoch: Callable[[int, list[dict], list[float]], None] | None = None) -> list[dict]:
+    """Train from ``start_epoch`` to ``cfg.epochs``; return the validation history (rank 0 validates).
+
+    Every rank draws the same global batches (one seeded permutation per epoch) and trains on its share
+    ``batch[rank::world]``, so with DDP averaging the gradients, ``world`` ranks take the steps one process would.
+
+    Args:
+        run: from :func:`build_training`.
+        net: ``run.restorer.net`` or its DDP wrapper.
+        on_epoch: called after each epoch with (epochs done, history, this epoch's per-step total losses).
+    """
+    cfg, train, device = run.cfg, run.train, run.device
+    history = list(history or [])
+    total_steps = cfg.epochs * run.steps_per_epoch
+    step = start_epoch * run.steps_per_epoch
+    rng = random.Random(cfg.seed + start_epoch + 7919 * rank)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        perm = torch.randperm(len(train), generator=gen)
-        bar = tqdm(batches(len(train), cfg.batch_size), total=steps_per_epoch, desc=f"trn epoch {epoch + 1}/{cfg.epochs}")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        losses: list[float] = []
+        bar = tqdm(batches(len(train), cfg.batch_size), total=run.steps_per_epoch,
+                   desc=f"trn epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0)
         for s in bar:
-            x, y = train.images[perm[s]].to(device), train.labels[perm[s]].to(device)
-            x_in, _ = make_adversarial_batch(guard, x, y, cfg, rng)
-            with torch.no_grad():
-                p_clean = F.log_softmax(guard(x), 1)
-            g = restorer.gradient_map(x_in) if cfg.two_stream else None
-            restored = net(x_in, g)
-            pixel = F.l1_loss(restored, x)
-            kl = F.kl_div(F.log_softmax(guard(restored), 1), p_clean, log_target=True, reduction="batchmean")
-            loss = pixel + cfg.guard_weight * kl
-            for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)
-                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            idx = perm[s][rank::world]
+            x, y = train.images[idx].to(device), train.labels[idx].to(device)
+            pixel, kl = train_step(net, run.restorer, run.opt, x, y, cfg, rng, cosine_lr(cfg, step, total_steps))
+            losses.append(pixel + cfg.guard_weight * kl)
             step += 1
-            bar.set_postfix(l1=f"{pixel.item():.4f}", kl=f"{kl.item():.3f}")
+            bar.set_postfix(l1=f"{pixel:.4f}", kl=f"{kl:.3f}")
         net.eval()
-        val = _quick_val(restorer, test.images.to(device), test.labels.to(device))
-        history.append({"epoch": epoch + 1, **val})
-        log.info("epoch %d val (%d images): %s", epoch + 1, len(test), {k: round(v, 4) for k, v in val.items()})
-        _save_train_state(cfg, restorer, opt, epoch + 1, history)
-    restorer.eval()
-    path = restorer.save(cfg.out, config=to_dict(cfg), history=history, train_images=len(train), **init,
-                         train_seconds=round(time.time() - t0, 1), dataset=cfg.dataset, torch=torch.__version__)
+        if rank == 0:
+            val = _quick_val(run.restorer, run.val.images.to(device), run.val.labels.to(device))
+            history.append({"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)), **val})
+            log.info("epoch %d val (%d training images held out): %s", epoch + 1, len(run.val),
+                     {k: round(v, 4) for k, v in val.items()})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history, losses)
+    run.restorer.eval()
+    return history
+
+
+def save_restorer(run: TrainingRun, history: list[dict], seconds: float, out: str | None = None, **extra: Any) -> Path:
+    """Save the trained restorer as ``out`` (default ``cfg.out``): safetensors + JSON, the config and history."""
+    cfg = run.cfg
+    return run.restorer.save(out or cfg.out, config=to_dict(cfg), history=history, train_images=len(run.train),
+                             val_images=len(run.val), **run.init, train_seconds=round(seconds, 1),
+                             dataset=cfg.dataset, torch=torch.__version__, **extra)
+
+
+def train_trn(cfg: TRNTrainConfig) -> Restorer:
+    """Train per ``cfg`` in this process; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON).
+
+    ``trn train --workers N`` runs the same :func:`run_epochs` on N Ray Train workers (:mod:`workers.train`).
+    """
+    run = build_training(cfg)
+    start_epoch, history = _load_train_state(cfg, run.restorer, run.opt)  # history: earlier epochs' validation
+    t0 = time.time()
+
+    def checkpoint_epoch(epoch: int, hist: list[dict], losses: list[float]) -> None:
+        _save_train_state(cfg, run.restorer, run.opt, epoch, hist)
+
+    history = run_epochs(run, run.restorer.net, start_epoch, history, on_epoch=checkpoint_epoch)
+    path = save_restorer(run, history, time.time() - t0)
     log.info("saved %s", path)
-    return restorer
+    return run.restorer

@@ -20,16 +20,23 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from trn.errors import ConfigError
+from trn.errors import ConfigError, TRNError
 
 __all__ = [
     "ActorPool",
+    "RayStartError",
     "cluster_gpus",
+    "connect_ray",
     "gpus_per_actor",
     "local_num_cpus",
     "map_batches_resource_kwargs",
+    "one_line",
     "ray_version",
 ]
+
+class RayStartError(TRNError, RuntimeError):
+    """Ray could not be started or reached, or a Ray job failed (always a one-line message)."""
+
 
 _COMPUTE_SINCE = (2, 51)  # first Ray release where ``concurrency=`` is deprecated for callable classes
 _REMOTE_ARGS_UNTIL = (2, 64)  # Ray 2.60 announces the removal of ``**ray_remote_args`` from map_batches in 2.64
@@ -142,3 +149,35 @@ def local_num_cpus(workers: int, cpus_per_worker: float = 1.0) -> int:
     behind the actor pool when the pool is as large as the machine.
     """
     return max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker) + 1)
+
+
+def one_line(e: BaseException) -> str:
+    """``e`` as one line (type and message, whitespace collapsed, at most 300 characters)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def connect_ray(address: str | None, num_cpus: int) -> bool:
+    """Join ``address`` (or ``$RAY_ADDRESS``) or start a fresh local Ray; True when this call connected.
+
+    Joining an existing cluster passes no resources (Ray refuses them there); a local start never falls back to
+    the cluster Ray last recorded as current on this machine.
+
+    Raises:
+        RayStartError: Ray could not be started or reached (one line, with Ray's reason).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    except Exception as e:  # noqa: BLE001 - Ray raises plain Exception for a start-up timeout
+        ray.shutdown()  # a half-started Ray leaves nothing behind
+        where = f"connect to the Ray cluster at {address!r}" if address else "start a local Ray"
+        raise RayStartError(f"could not {where}: {one_line(e)}") from None
+    return True

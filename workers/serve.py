@@ -16,258 +16,74 @@ answers and ``/v1/classify`` classifies; its classifier wrappers (GCM, UniG) wra
 runs as a torch module (the guard in ``TRNService``, or the ``DownstreamClassifier`` replica).
 
 Endpoints: ``POST /v1/restore`` (cleaned PNG, or ``?format=npy|json`` for the float tensor), ``POST /v1/classify``
-(label + probabilities), ``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``.
+(label, plus as many probabilities as the app's output policy allows: :mod:`trn.output_policy`), their batch forms
+``POST /v1/restore/batch`` and ``POST /v1/classify/batch`` (many images in one request: multipart files or an .npz),
+``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``. An optional per-client query budget answers 429 with
+``Retry-After`` (:mod:`trn.query_budget`); its counters are Ray metrics.
 
 Launch it with ``trn serve --config configs/serve.yaml``, ``serve run workers.serve:build_app restorer=...`` or
-``serve deploy configs/serve_deploy.yaml`` (see docs/deploy.md). The library (:mod:`trn`) never imports Ray; this
-module is the only place the service touches it.
+``serve deploy configs/serve_deploy.yaml`` (see docs/deploy.md). Only the Ray part lives here (deployments,
+``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema
+and parsing (:mod:`trn.http_api`), decoding, model loading and the defence split (:mod:`trn.serving`) are library
+code that never imports Ray.
 """
 
 import asyncio
-import email.message
 import io
-import json
 import logging
-import time
-import warnings
-from collections.abc import Mapping
+import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trn.checkpoint import checkpoint_paths
-from trn.defenses.stack import build_defense_stack, build_preprocessor
-from trn.errors import CheckpointError, ConfigError, InputError, ShapeError, TRNError
-from trn.imageio import decode_image, encode_png
-from workers.defense_spec import (
-    canonical_defenses,
-    default_defenses,
-    describe_defenses,
-    split_defenses,
-    uses_default_restorer,
+from trn.defenses.spec import default_defenses, describe_defenses, split_defenses
+from trn.errors import ConfigError, InputError
+from trn.http_api import (
+    _BATCH_BODY,
+    _ERRORS,
+    _REQUEST_BODY,
+    NPY_TYPES,
+    NPZ_TYPES,
+    BatchClassifyResponse,
+    ClassifyResponse,
+    ErrorResponse,
+    HealthResponse,
+    RequestError,
+    api,
+    first_tensor,
+    header_size,
+    multipart_files,
+    parse_downstream_json,
+    read_body,
 )
-from workers.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
+from trn.imageio import decode_image, encode_png
+from trn.output_policy import OutputPolicy, format_prediction, probabilities_from_output, restrict
+from trn.query_budget import QueryBudget
+from trn.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
+from trn.serving import (
+    build_service_defenses,
+    decode_npy,
+    decode_npz_batch,
+    read_checkpoint_meta,
+    wrap_classifier,
+)
+from trn.serving import load_downstream_model as _load_model
 
 __all__ = ["DownstreamClassifier", "TRNService", "api", "build_app", "load_downstream_model", "run_serve_command"]
 
 log = logging.getLogger(__name__)
 
-NPY_TYPES = ("application/x-npy", "application/npy")
 SERVICE_NAME = "TRNService"
 DOWNSTREAM_NAME = "DownstreamClassifier"
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-class RequestError(Exception):
-    """A request the service refuses: becomes a JSON error body with ``status``."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-
-def _error_response(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "type": kind, "message": message}}, status, headers=headers)
-
-
-def _status_of(e: TRNError) -> int:
-    # ShapeError: a decodable image of the wrong size/channels (policy "reject") -> 422; other input errors -> 400.
-    if isinstance(e, ShapeError):
-        return 422
-    if isinstance(e, InputError):
-        return 400
-    return 500
-
-
-# ---------------------------------------------------------------------------------------------------- API schema
-class ErrorBody(BaseModel):
-    status: int
-    type: str = Field(description="InputError, ShapeError, BodyTooLarge, UnsupportedMediaType, ...")
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ClassifyResponse(BaseModel):
-    label: str = Field(description="name of the most probable class")
-    index: int = Field(description="index of the most probable class")
-    probabilities: dict[str, float] = Field(description="class name -> probability")
-    classifier: str = Field(description="downstream kind that answered: guard, checkpoint, torchscript, export, http")
-    resized_from: list[int] | None = Field(None, description="(H, W) of the upload when it was resized")
-
-
-class HealthResponse(BaseModel):
-    status: str
-    restorer: str
-    image_shape: list[int]
-    device: str
-    downstream: str
-    defenses: str = Field(description="the defence stack, e.g. 'bit_depth(bits=4) -> trn -> gcm -> classifier'")
-    max_batch_size: int
-    batch_wait_timeout_s: float
-
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_REQUEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": (
-            "The image: raw bytes of a PNG/JPEG/... file (any image Content-Type or application/octet-stream), a "
-            "multipart/form-data upload with a `file` field, or a float tensor as an .npy file "
-            "(application/x-npy; (C, H, W), (H, W) or (1, C, H, W), values in [0, 1], or uint8)."
-        ),
-        "content": {
-            "image/png": _BINARY,
-            "image/jpeg": _BINARY,
-            "application/octet-stream": _BINARY,
-            "application/x-npy": _BINARY,
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                           "required": ["file"]}
-            },
-        },
-    }
-}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "not an image, truncated, empty, too many pixels, bad tensor"},
-    413: {"model": ErrorResponse, "description": "body larger than max_body_bytes"},
-    415: {"model": ErrorResponse, "description": "unsupported Content-Type"},
-    422: {"model": ErrorResponse, "description": "wrong size (resize policy 'reject') or channel count"},
-    503: {"description": "overloaded (max_queued_requests reached)"},
-}
-
-api = FastAPI(
-    title="TRN restoration service",
-    version="1",
-    description=(
-        "Cleans adversarial images with a Two-stream Restoration Network before they reach a classifier. "
-        "Off-size images are rejected or resized according to the service's `resize` setting, never silently; "
-        "a resize is reported in the `X-TRN-Resized-From` header."
-    ),
-)
-
-
-@api.exception_handler(RequestError)
-async def _on_request_error(request: Request, e: RequestError) -> JSONResponse:
-    return _error_response(e.status, e.kind, e.message)
-
-
-@api.exception_handler(TRNError)
-async def _on_trn_error(request: Request, e: TRNError) -> JSONResponse:
-    return _error_response(_status_of(e), type(e).__name__, str(e))
-
-
-@api.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
-    return _error_response(422, "ValidationError", msg)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return _error_response(e.status_code, "HTTPError", str(e.detail), getattr(e, "headers", None))
-
-
-# ---------------------------------------------------------------------------------------------------- request parsing
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (declared Content-Length or bytes actually sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
-            raise RequestError(400, "BadRequest", f"Content-Length is not a number: {declared!r}") from None
-        if n > limit:
-            raise RequestError(413, "BodyTooLarge", f"request body is {n} bytes, over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "BodyTooLarge", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _multipart_file(body: bytes, content_type: str) -> bytes:
-    """The ``file`` (or first file) part of a multipart/form-data body, byte-exact."""
-    msg = email.message.Message()
-    msg["content-type"] = content_type
-    boundary = msg.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        raise InputError("multipart/form-data without a boundary parameter")
-    delimiter = b"--" + boundary.encode("latin-1")
-    found: dict[str, bytes] = {}
-    for part in body.split(delimiter)[1:]:
-        if part.startswith(b"--"):
-            break  # closing delimiter
-        head, sep, content = part.partition(b"\r\n\r\n")
-        if not sep:
-            raise InputError("malformed multipart/form-data part (no header/body separator)")
-        if content.endswith(b"\r\n"):
-            content = content[:-2]
-        headers = email.message.Message()
-        for line in head.decode("latin-1").strip("\r\n").split("\r\n"):
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip()] = v.strip()
-        name = headers.get_param("name", header="content-disposition")
-        filename = headers.get_param("filename", header="content-disposition")
-        if name == "file":
-            return content
-        if filename is not None or name == "image":
-            found.setdefault("first", content)
-    if "first" in found:
-        return found["first"]
-    raise InputError("multipart/form-data body has no file part (send the image as the field 'file')")
-
-
-def _decode_npy(data: bytes, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """A (C, H, W) float32 array in [0, 1] from .npy bytes; the header is checked before the data is read."""
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            raise InputError(f"unsupported .npy version {version}")
-    except InputError:
-        raise
-    except (ValueError, OSError, SyntaxError) as e:
-        raise InputError(f"not a valid .npy file: {e}") from e
-    want = (channels, *size)
-    if not (shape == want or shape == (1, *want) or (channels == 1 and shape == size)):
-        raise ShapeError(f"tensor has shape {tuple(shape)}, expected {want}, (1, {channels}, ...) "
-                         f"{'or ' + str(tuple(size)) if channels == 1 else ''} (tensors are never resized)")
-    if dtype.hasobject or not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
-        raise InputError(f"tensor dtype must be uint8 or float, got {dtype}")
-    try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"truncated or corrupt .npy file: {e}") from e
-    a = a.reshape(want)
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise InputError("tensor contains NaN or infinity")
-    if a.min() < 0.0 or a.max() > 1.0:
-        raise InputError(f"float tensor values must lie in [0, 1], got [{a.min():.4g}, {a.max():.4g}]")
-    return a
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -281,31 +97,6 @@ def _pick_device(device: str) -> torch.device:
     return torch.device("cuda" if has_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _probabilities(out: torch.Tensor) -> torch.Tensor:
-    """Rows of probabilities from a classifier's output: softmax of logits, or the output itself when it already is
-    a probability vector (non-negative rows summing to 1)."""
-    out = out.detach().float()
-    if out.ndim == 1:
-        out = out[None]
-    if out.ndim != 2:
-        raise InputError(f"classifier output must be (N, num_classes), got shape {tuple(out.shape)}")
-    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(len(out), device=out.device), atol=1e-4):
-        return out
-    return torch.softmax(out, dim=1)
-
-
-def _read_meta(path: str, kind: str) -> dict:
-    """The JSON side of a safetensors checkpoint, without loading weights (build-time checks)."""
-    meta_path = checkpoint_paths(path)[1]
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {e}") from e
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r})")
-    return meta
-
-
 def _cluster_has_gpus() -> bool:
     """GPUs in the Ray cluster (connected), else on this machine (``serve run`` builds the app before ray.init)."""
     import ray
@@ -316,123 +107,8 @@ def _cluster_has_gpus() -> bool:
 
 
 def load_downstream_model(ds: DownstreamArgs, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Load the downstream classifier named by ``ds`` (kind checkpoint / torchscript / export) for inference.
-
-    TorchScript and ``torch.export`` files are programs: loading one runs code the operator chose. Load only files
-    you trust (our own checkpoints are safetensors + JSON and unpickle nothing).
-
-    Returns:
-        (callable model taking [0, 1] (N, C, H, W) and returning logits or probabilities, metadata dict)
-
-    Raises:
-        CheckpointError: a file that cannot be loaded as that kind.
-    """
-    from trn.classifiers import load_classifier
-
-    device = torch.device(device)
-    if ds.kind == "checkpoint":
-        model, meta = load_classifier(ds.path, device)
-        return model, meta
-    path = Path(ds.path or "")
-    if not path.is_file():
-        raise CheckpointError(f"downstream.path: file not found: {path}")
-    try:
-        if ds.kind == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated but still loads
-                model = torch.jit.load(str(path), map_location=device)
-            model.eval()
-        elif ds.kind == "export":
-            program = torch.export.load(str(path))
-            model = program.module().to(device)
-        else:
-            raise ConfigError(f"downstream.kind {ds.kind!r} is not a loadable model")
-    except ConfigError:
-        raise
-    except Exception as e:  # torch raises many types (RuntimeError, BadZipFile, ...) on a bad file
-        raise CheckpointError(f"cannot load {ds.kind} program {path}: {e}") from e
-    return model, {"kind": ds.kind, "path": str(path)}
-
-
-def _wrap(model: torch.nn.Module, spec: list[dict[str, Any]] | None, what: str) -> torch.nn.Module:
-    """``model`` inside the classifier wrappers (gcm, unig) of a canonical defence stack, the first listed closest
-    to it (as :func:`~trn.defenses.stack.build_defense_stack` does); the input-side entries are skipped.
-
-    Raises:
-        ConfigError: a wrapper that does not fit ``what`` (UniG needs ``forward_features`` / ``forward_head``, which a
-            TorchScript or ``torch.export`` program usually lacks) or a bad wrapper setting, named by its index in
-            the whole stack.
-    """
-    inputs, wrappers = split_defenses(canonical_defenses(spec, "defenses") if spec else [])
-    for i, entry in enumerate(wrappers, start=len(inputs)):  # the wrappers come after every input-side entry
-        try:
-            model = build_defense_stack([entry], model).classifier
-        except ConfigError as e:
-            msg = str(e).removeprefix(f"defence #0 ({entry['name']}): ")
-            raise ConfigError(f"defenses: defence #{i} ({entry['name']}) around {what}: {msg}") from e
-    return model
-
-
-def _parse_downstream_json(data: Any, url: str) -> tuple[np.ndarray | None, Any]:
-    """Accept {"probabilities": [...] | {name: p}}, {"logits": [...]} or {"label": ...} from an HTTP classifier."""
-    if not isinstance(data, dict):
-        raise RequestError(502, "DownstreamError", f"downstream {url} answered {type(data).__name__}, not an object")
-    try:
-        if "probabilities" in data or "logits" in data:
-            key = "probabilities" if "probabilities" in data else "logits"
-            vals = data[key]
-            if isinstance(vals, dict):  # named probabilities: keep the endpoint's order
-                vals = list(vals.values())
-            t = torch.tensor([float(v) for v in vals])
-            if t.ndim != 1 or len(t) == 0 or not torch.isfinite(t).all():
-                raise ValueError(f"{key} must be a non-empty list of finite numbers")
-            probs = torch.softmax(t, 0) if key == "logits" else _probabilities(t)[0]
-            return probs.numpy(), data.get("label")
-        if "label" in data:
-            return None, data["label"]
-    except (TypeError, ValueError) as e:
-        raise RequestError(502, "DownstreamError", f"downstream {url}: bad answer: {e}") from None
-    raise RequestError(502, "DownstreamError", f"downstream {url} answered without probabilities, logits or label")
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) from an image header, without decoding (to report resizes); None when unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.height, img.width
-    except Exception:  # noqa: BLE001 - decode_image reports the real problem
-        return None
-
-
-def _first(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise InputError(f"downstream model returned {type(out).__name__}, expected a tensor of logits")
-    return out
-
-
-def _build_defenses(spec: list[dict[str, Any]], restorer: torch.nn.Module, kind: str,
-                    device: torch.device | str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(input side, classifier for ``/v1/classify`` when ``kind`` is guard) of a canonical defence stack.
-
-    With ``downstream.kind: guard`` the classifier wrappers wrap ``restorer.guard``; with any other kind they are left
-    to the ``DownstreamClassifier`` deployment (and refused by :class:`AppArgs` for ``http`` / ``none``), and the
-    returned classifier is the plain guard (unused).
-
-    Raises:
-        ConfigError: a bad value (``bits: 99``) or a wrapper that does not fit the guard, named with the option.
-    """
-    default = restorer if uses_default_restorer(spec) else None
-    try:
-        if kind == "guard":
-            stack = build_defense_stack(spec, restorer.guard, restorer=default)
-            return stack.preprocessor, stack.classifier
-        return build_preprocessor(split_defenses(spec)[0], restorer=default, device=device), restorer.guard
-    except ConfigError as e:
-        raise ConfigError(f"defenses: {e}") from e
+    """The downstream classifier named by ``ds`` (:func:`trn.serving.load_downstream_model`)."""
+    return _load_model(ds.kind, ds.path, device)
 
 
 # ---------------------------------------------------------------------------------------------------- deployments
@@ -449,7 +125,7 @@ class DownstreamClassifier:
         self.ds = ds
         self.device = _pick_device(ds.device)
         self.model, self.meta = load_downstream_model(ds, self.device)
-        self.model = _wrap(self.model, defenses, f"the {ds.kind} downstream {ds.path}")
+        self.model = wrap_classifier(self.model, defenses, f"the {ds.kind} downstream {ds.path}")
         self.per_item = False  # set when an exported program has a fixed batch size of 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trn-downstream")
         log.info("downstream %s %s on %s", ds.kind, ds.path, self.device)
@@ -463,14 +139,14 @@ class DownstreamClassifier:
         with torch.no_grad():
             if not self.per_item:
                 try:
-                    return list(_probabilities(_first(self.model(x))).cpu().numpy())
+                    return list(probabilities_from_output(first_tensor(self.model(x))).cpu().numpy())
                 except (RuntimeError, AssertionError) as e:
                     if self.ds.kind != "export" or len(images) == 1:
                         raise
                     log.warning("exported program refused a batch of %d (%s); running one image at a time - export "
                                 "it with a dynamic batch dimension for batching", len(images), e)
                     self.per_item = True
-            return [_probabilities(_first(self.model(x[i : i + 1]))).cpu().numpy()[0] for i in range(len(x))]
+            return [probabilities_from_output(first_tensor(self.model(x[i : i + 1]))).cpu().numpy()[0] for i in range(len(x))]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def classify(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -500,7 +176,7 @@ class TRNService:
         self.restorer = Restorer.load(args.restorer, self.device)
         self.channels, self.height, self.width = (int(v) for v in self.restorer.image_shape)
         spec = default_defenses() if args.defenses is None else args.defenses
-        self.preprocessor, self.classifier = _build_defenses(spec, self.restorer, args.downstream.kind, self.device)
+        self.preprocessor, self.classifier = build_service_defenses(spec, self.restorer, args.downstream.kind, self.device)
         self.defenses = describe_defenses(spec)
         self.class_names = list(self.restorer.class_names)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trn-restore")  # the model runs here, off the loop
@@ -511,8 +187,19 @@ class TRNService:
 
             self._http = httpx.AsyncClient(timeout=args.downstream.timeout_s)
         self._batch_params = (args.max_batch_size, args.batch_wait_timeout_s)
-        log.info("restorer %s on %s, image shape %s, defences %s", args.restorer, self.device,
-                 self.restorer.image_shape, self.defenses)
+        qb = args.query_budget
+        self.budget = QueryBudget(qb.rate, qb.burst, qb.total) if qb else None
+        self._metrics: dict[str, Any] = {}
+        try:
+            from ray.util.metrics import Counter
+
+            self._metrics["trn_queries_total"] = Counter(
+                "trn_queries_total", description="images charged to (or refused by) the per-client query budget",
+                tag_keys=("outcome",))
+        except Exception:
+            log.debug("Ray metrics unavailable", exc_info=True)
+        log.info("restorer %s on %s, image shape %s, defences %s, output %s", args.restorer, self.device,
+                 self.restorer.image_shape, self.defenses, self.args.output.describe())
 
     # -------------------------------------------------------------- Serve hooks
     def reconfigure(self, config: dict) -> None:
@@ -536,7 +223,7 @@ class TRNService:
             # no_grad, not inference_mode: TRN's gradient stream needs autograd through the guard (it enables it)
             with torch.no_grad():
                 y = self.preprocessor(x)
-                probs = _probabilities(self.classifier(y)).cpu().numpy() if any(want_logits) else None
+                probs = probabilities_from_output(self.classifier(y)).cpu().numpy() if any(want_logits) else None
             y = y.cpu()
         except RuntimeError as e:
             if "CUDA" in str(e) or "out of memory" in str(e):
@@ -553,27 +240,84 @@ class TRNService:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_model, images, want_logits)
 
     # -------------------------------------------------------------- request handling
-    async def _image_from_request(self, request: Request) -> tuple[np.ndarray, tuple[int, int] | None]:
-        body = await _read_body(request, self.args.max_body_bytes)
+    def _charge(self, request: Request, n: int) -> None:
+        """Charge ``n`` queries to the caller's budget (API key header, else client address); 429 when spent."""
+        if self.budget is None:
+            return
+        qb = self.args.query_budget
+        key = request.headers.get(qb.key_header)
+        key = f"key:{key}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
+        decision = self.budget.charge(key, n)
+        self._count("trn_queries_total", n, "charged" if decision.allowed else "refused")
+        if not decision.allowed:
+            if math.isinf(decision.retry_after_s):
+                msg = (f"this request needs {n} queries, more than the budget can ever grant at once "
+                       f"(burst {qb.burst}" + (f", lifetime total {qb.total})" if qb.total else ")"))
+                raise RequestError(429, "QueryBudgetExceeded", msg, {"Retry-After": "86400"})
+            wait = max(1, math.ceil(decision.retry_after_s))
+            raise RequestError(429, "QueryBudgetExceeded",
+                               f"query budget spent ({qb.rate:g} queries/s, burst {qb.burst}); retry in {wait} s",
+                               {"Retry-After": str(wait)})
+
+    def _count(self, name: str, n: int, outcome: str) -> None:
+        counter = self._metrics.get(name)
+        if counter is not None:
+            try:
+                counter.inc(n, tags={"outcome": outcome})
+            except Exception:
+                log.debug("metrics update failed", exc_info=True)
+
+    def _decode_file(self, body: bytes) -> tuple[np.ndarray, tuple[int, int] | None]:
+        size = (self.height, self.width)
+        resized_from = header_size(body) if self.args.resize == "resize" else None
+        image = decode_image(body, channels=self.channels, size=size, resize=self.args.resize,
+                             channel_policy=self.args.channel_policy, max_pixels=self.args.max_pixels)
+        return image, (None if resized_from == size else resized_from)
+
+    async def _images_from_request(self, request: Request, batch: bool
+                                   ) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+        """Decoded (C, H, W) images of a request (one, or up to max_batch_images for the batch endpoints), each with
+        the (H, W) it was resized from (or None)."""
+        body = await read_body(request, self.args.max_body_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         size = (self.height, self.width)
-        if ctype in NPY_TYPES:
-            return _decode_npy(body, self.channels, size), None
+        limit = self.args.max_batch_images if batch else 1
+        if ctype in NPY_TYPES and not batch:
+            return [(decode_npy(body, self.channels, size), None)]
+        if ctype in NPZ_TYPES and batch:
+            a = await asyncio.to_thread(decode_npz_batch, body, self.channels, size, limit)
+            return [(img, None) for img in a]
         if ctype == "multipart/form-data":
-            body = _multipart_file(body, request.headers["content-type"])
+            files = await multipart_files(request, body, limit)
+        elif batch:
+            raise RequestError(415, "UnsupportedMediaType",
+                               f"Content-Type {ctype!r} is not accepted here: send multipart/form-data with one file "
+                               "part per image, or an .npz (application/x-npz)")
         elif ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
             raise RequestError(415, "UnsupportedMediaType",
                                f"Content-Type {ctype!r} is not accepted: send image bytes (image/* or "
                                "application/octet-stream), multipart/form-data with a 'file' field, or "
                                "application/x-npy")
-        resized_from = _header_size(body) if self.args.resize == "resize" else None
-        image = await asyncio.to_thread(
-            decode_image, body, channels=self.channels, size=size, resize=self.args.resize,
-            channel_policy=self.args.channel_policy, max_pixels=self.args.max_pixels,
-        )
-        if resized_from == size:
-            resized_from = None
-        return image, resized_from
+        else:
+            files = [body]
+        return await asyncio.to_thread(lambda: [self._decode_file(f) for f in files])
+
+    def _policy(self, output: str | None, k: int | None, decimals: int | None) -> OutputPolicy:
+        """The request's output policy: the app's, or less when the request asks (403 when it asks for more)."""
+        app = self.args.output
+        if output is None and k is None and decimals is None:
+            return app
+        name = output or app.policy
+        try:
+            # top_k (and rounded on a rounded app) inherit the app's decimals; `full` always means every decimal
+            inherit = name == "top_k" or (name == "rounded" and app.policy == "rounded")
+            wanted = OutputPolicy(name, k=k if k is not None else app.k,
+                                  decimals=decimals if decimals is not None else (app.precision if inherit else None))
+            return restrict(app, wanted, len(self.class_names))
+        except ConfigError as e:
+            raise RequestError(422, "ValidationError", str(e)) from None
+        except InputError as e:
+            raise RequestError(403, "OutputNotAllowed", str(e)) from None
 
     @api.get("/healthz", response_model=HealthResponse, summary="Liveness and settings of this replica")
     async def healthz(self) -> HealthResponse:
@@ -582,8 +326,8 @@ class TRNService:
         mbs, wait = self._batch_params
         return HealthResponse(status="ok", restorer=Path(self.args.restorer).name,
                               image_shape=[self.channels, self.height, self.width], device=str(self.device),
-                              downstream=self.args.downstream.kind, defenses=self.defenses, max_batch_size=mbs,
-                              batch_wait_timeout_s=wait)
+                              downstream=self.args.downstream.kind, defenses=self.defenses,
+                              output=self.args.output.describe(), max_batch_size=mbs, batch_wait_timeout_s=wait)
 
     @api.post(
         "/v1/restore",
@@ -599,7 +343,8 @@ class TRNService:
         format: Literal["png", "npy", "json"] = Query(
             "png", description="png: 8-bit PNG; npy / json: the float32 (C, H, W) tensor in [0, 1]"),
     ) -> Response:
-        image, resized_from = await self._image_from_request(request)
+        ((image, resized_from),) = await self._images_from_request(request, batch=False)
+        self._charge(request, 1)
         restored, _, batch = await self._restore_batch(image, False)
         headers = {"X-TRN-Batch-Size": str(batch)}
         if resized_from:
@@ -614,18 +359,26 @@ class TRNService:
         return Response(encode_png(restored), media_type="image/png", headers=headers)
 
     @api.post(
-        "/v1/classify",
-        summary="Restore one image, then classify it with the downstream classifier",
-        response_model=ClassifyResponse,
-        responses={**_ERRORS, 502: {"model": ErrorResponse, "description": "downstream failed"},
-                   504: {"model": ErrorResponse, "description": "downstream timed out"}},
-        openapi_extra=_REQUEST_BODY,
+        "/v1/restore/batch",
+        summary="Restore many images in one request",
+        response_class=Response,
+        responses={200: {"content": {"application/x-npy": {}},
+                         "description": "float32 (N, C, H, W) tensor of the restored images, in the order sent"},
+                   **_ERRORS},
+        openapi_extra=_BATCH_BODY,
     )
-    async def classify(self, request: Request) -> JSONResponse:
+    async def restore_batch(self, request: Request) -> Response:
+        items = await self._images_from_request(request, batch=True)
+        self._charge(request, len(items))
+        outs = await asyncio.gather(*(self._restore_batch(img, False) for img, _ in items))
+        buf = io.BytesIO()
+        np.save(buf, np.stack([o[0] for o in outs]).astype(np.float32), allow_pickle=False)
+        return Response(buf.getvalue(), media_type="application/x-npy",
+                        headers={"X-TRN-Batch-Size": str(max(o[2] for o in outs))})
+
+    async def _classify_one(self, image: np.ndarray, resized_from: tuple[int, int] | None,
+                            policy: OutputPolicy) -> tuple[dict[str, Any], int]:
         kind = self.args.downstream.kind
-        if kind == "none":
-            raise RequestError(404, "NoClassifier", "this service has no downstream classifier (downstream.kind: none)")
-        image, resized_from = await self._image_from_request(request)
         restored, probs, batch = await self._restore_batch(image, kind == "guard")
         if kind == "http":
             probs, label = await self._classify_http(restored)
@@ -633,15 +386,63 @@ class TRNService:
             probs, label = np.asarray(await self.downstream.classify.remote(restored)), None
         else:
             label = None
-        names = self._names(len(probs)) if probs is not None else []
         if probs is None:  # an HTTP endpoint that answered only a label
-            body = {"label": str(label), "index": -1, "probabilities": {}}
+            body = {"label": str(label), "index": -1, "probabilities": None, "output": "label"}
         else:
-            idx = int(np.argmax(probs))
-            body = {"label": names[idx], "index": idx,
-                    "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)}}
+            body = format_prediction(probs, self._names(len(probs)), policy)
         body |= {"classifier": kind, "resized_from": list(resized_from) if resized_from else None}
+        return body, batch
+
+    def _check_classifier(self) -> None:
+        if self.args.downstream.kind == "none":
+            raise RequestError(404, "NoClassifier", "this service has no downstream classifier (downstream.kind: none)")
+
+    @api.post(
+        "/v1/classify",
+        summary="Restore one image, then classify it with the downstream classifier",
+        response_model=ClassifyResponse,
+        responses={**_ERRORS, 403: {"model": ErrorResponse, "description": "output asks for more than allowed"},
+                   502: {"model": ErrorResponse, "description": "downstream failed"},
+                   504: {"model": ErrorResponse, "description": "downstream timed out"}},
+        openapi_extra=_REQUEST_BODY,
+    )
+    async def classify(
+        self,
+        request: Request,
+        output: Literal["full", "top_k", "rounded", "label"] | None = Query(
+            None, description="ask for less than the app's output policy (never more: 403)"),
+        k: int | None = Query(None, ge=1, description="classes shown by output=top_k"),
+        decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
+    ) -> JSONResponse:
+        self._check_classifier()
+        policy = self._policy(output, k, decimals)
+        ((image, resized_from),) = await self._images_from_request(request, batch=False)
+        self._charge(request, 1)
+        body, batch = await self._classify_one(image, resized_from, policy)
         return JSONResponse(body, headers={"X-TRN-Batch-Size": str(batch)})
+
+    @api.post(
+        "/v1/classify/batch",
+        summary="Restore and classify many images in one request",
+        response_model=BatchClassifyResponse,
+        responses={**_ERRORS, 403: {"model": ErrorResponse, "description": "output asks for more than allowed"}},
+        openapi_extra=_BATCH_BODY,
+    )
+    async def classify_batch(
+        self,
+        request: Request,
+        output: Literal["full", "top_k", "rounded", "label"] | None = Query(
+            None, description="ask for less than the app's output policy (never more: 403)"),
+        k: int | None = Query(None, ge=1, description="classes shown by output=top_k"),
+        decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
+    ) -> JSONResponse:
+        self._check_classifier()
+        policy = self._policy(output, k, decimals)
+        items = await self._images_from_request(request, batch=True)
+        self._charge(request, len(items))
+        outs = await asyncio.gather(*(self._classify_one(img, rf, policy) for img, rf in items))
+        return JSONResponse({"results": [b for b, _ in outs]},
+                            headers={"X-TRN-Batch-Size": str(max(n for _, n in outs))})
 
     def _names(self, n: int) -> list[str]:
         names = self.info.get("downstream_class_names") or (self.class_names if self.args.downstream.kind == "guard"
@@ -672,7 +473,7 @@ class TRNService:
             data = r.json()
         except ValueError:
             raise RequestError(502, "DownstreamError", f"downstream {url} did not answer JSON") from None
-        return _parse_downstream_json(data, url)
+        return parse_downstream_json(data, url)
 
 
 # ---------------------------------------------------------------------------------------------------- builder
@@ -690,22 +491,25 @@ def _check_defenses(args: AppArgs, meta: dict) -> None:
     shape = meta.get("image_shape")
     for i, entry in enumerate(spec):
         if entry["name"] == "trn" and entry.get("checkpoint"):
-            other = _read_meta(entry["checkpoint"], "restorer").get("image_shape")
+            other = read_checkpoint_meta(entry["checkpoint"], "restorer").get("image_shape")
             if other != shape:
                 raise ConfigError(f"defenses: defence #{i} (trn) restores {other} images but the service decodes "
                                   f"images for `restorer`, {shape}")
-    _build_defenses(spec, Restorer.load(args.restorer), args.downstream.kind, "cpu")
+    build_service_defenses(spec, Restorer.load(args.restorer), args.downstream.kind, "cpu")
     ds = args.downstream
     if split_defenses(spec)[1] and ds.deployed:
-        _wrap(load_downstream_model(ds, "cpu")[0], spec, f"the {ds.kind} downstream {ds.path}")
+        wrap_classifier(load_downstream_model(ds, "cpu")[0], spec, f"the {ds.kind} downstream {ds.path}")
 
 
-def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
+def build_app(args: AppArgs) -> Application:
     """The TRN Serve application (``serve run workers.serve:build_app`` / ``import_path`` of a Serve config file).
 
+    Ray's typed application-builder pattern: Serve validates its ``args`` (config file ``args:``, or ``key=value``
+    strings from ``serve run``; dotted keys reach sections, ``config=configs/serve.yaml`` starts from that file's
+    ``app:``) with the Pydantic model :class:`AppArgs` before calling this.
+
     Args:
-        args: :class:`AppArgs`, or the mapping Serve passes (config file ``args:``, or ``key=value`` strings from
-            ``serve run``; dotted keys reach sections, ``config=configs/serve.yaml`` starts from that file's ``app:``).
+        args: :class:`AppArgs` (a plain mapping is validated the same way, with errors as ConfigError).
 
     Raises:
         ConfigError: bad option, missing checkpoint, a downstream that does not fit the restorer, or a defence stack
@@ -714,12 +518,12 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> Application:
     """
     app_args = args if isinstance(args, AppArgs) else app_args_from_mapping(args)
     app_args = app_args.with_resolved_paths()
-    meta = _read_meta(app_args.restorer, "restorer")
+    meta = read_checkpoint_meta(app_args.restorer, "restorer")
     ds = app_args.downstream
     info: dict[str, Any] = {"image_shape": meta.get("image_shape"), "downstream_class_names": ds.class_names}
     restorer_names = meta.get("class_names") or []
     if ds.kind == "checkpoint":
-        dmeta = _read_meta(ds.path, "classifier")
+        dmeta = read_checkpoint_meta(ds.path, "classifier")
         n = dmeta.get("arch_kwargs", {}).get("num_classes")
         names = ds.class_names or dmeta.get("class_names")
         if names is None and n is not None and len(restorer_names) == n:
@@ -769,47 +573,66 @@ def run_serve_command(args: Any) -> int:
     """``trn serve``: start (or join) Ray, start Serve on ``host:port``, deploy the app; block until Ctrl-C.
 
     ``args``: ``config`` (YAML path or None), ``set`` (``key=value`` overrides), ``address`` (Ray address or None),
-    ``blocking``. Returns the exit code. Without ``--address`` a local Ray is started and ends with this process,
-    so ``--no-blocking`` only makes sense together with ``--address``.
+    ``blocking``. Returns the exit code.
+
+    Which Ray: ``--address``, else the config's ``ray_address``, else ``RAY_ADDRESS``; with none of them a *fresh*
+    local Ray is started (``address="local"``: never the cluster Ray last recorded on this machine) and ends with this
+    process, so ``--no-blocking`` only makes sense together with an address.
+
+    Raises:
+        ConfigError: bad config; or Ray could not be started / joined (one line, no traceback).
     """
     import ray
 
     cfg: ServeConfig = load_serve_config(getattr(args, "config", None), list(getattr(args, "set", None) or []))
-    address = getattr(args, "address", None) or cfg.ray_address
+    address = getattr(args, "address", None) or cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     blocking = bool(getattr(args, "blocking", True))
     build_app(cfg.app)  # config and checkpoint errors surface here, before anything starts
     started_ray = False
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-            started_ray = True
+        try:
+            if address:
+                ray.init(address=address)
+            else:
+                ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+                started_ray = True
+        except Exception as e:  # noqa: BLE001 - Ray raises many types (ConnectionError, TimeoutError, RuntimeError)
+            ray.shutdown()
+            where = f"join the Ray cluster at {address!r}" if address else "start a local Ray"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"could not {where}: {type(e).__name__}: {first}") from None
     try:
         app = build_app(cfg.app)  # again, now that the cluster's GPUs are known (num_gpus defaults)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     except BaseException:
         if started_ray:  # do not leave a half-started local Ray behind
             serve.shutdown()
             ray.shutdown()
         raise
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    log.info("TRN service %r ready: %s/v1/restore, %s/docs (Serve keeps the HTTP options it was first started "
-             "with on a running cluster)", cfg.app_name, url, url)
+    if blocking:
+        print(f"deploying {cfg.app_name!r}; it will answer on {url} (docs: {url}/docs) once Serve logs it ready; "
+              "Ctrl-C to stop", flush=True)
+    try:
+        # blocking=True: Serve waits until the app runs, then until Ctrl-C (KeyboardInterrupt, re-raised)
+        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    except KeyboardInterrupt:
+        log.info("stopping %r", cfg.app_name)
+    except BaseException:
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        raise
     if not blocking:
+        log.info("TRN service %r ready: %s/v1/restore, %s/docs (Serve keeps the HTTP options it was first started "
+                 "with on a running cluster)", cfg.app_name, url, url)
         if started_ray:
             log.warning("--no-blocking with a local Ray: the service stops when this process exits; pass --address "
                         "to leave it running on a cluster")
         return 0
-    print(f"serving on {url}  (docs: {url}/docs); Ctrl-C to stop", flush=True)
     try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        log.info("stopping %r", cfg.app_name)
-    finally:
         serve.delete(cfg.app_name)
+    finally:
         if started_ray:
             serve.shutdown()
             ray.shutdown()

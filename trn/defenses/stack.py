@@ -11,12 +11,14 @@ classifier wrappers, which wrap the classifier in the listed order (the first li
 
 Input-side stages:
     ``jpeg`` (quality, bpda), ``bit_depth`` (bits, bpda, straight_through), ``median`` (kernel_size, bpda),
-    ``gaussian_blur`` (kernel_size, sigma, bpda), ``trn`` (checkpoint, bpda): a TRN :class:`~trn.restorer.Restorer`,
+    ``gaussian_blur`` (kernel_size, sigma, bpda), ``rnd`` (std, deterministic, salt, bpda: Gaussian noise on each
+    query, seeded per image by default), ``trn`` (checkpoint, bpda): a TRN :class:`~trn.restorer.Restorer`,
     loaded lazily from ``checkpoint`` or given as ``restorer=``.
 Classifier wrappers:
     ``gcm`` (w, eps, bpda), ``unig`` (delta, steps, lr, momentum, weight_decay, num_reference, seed,
     reference_images, reference_dataset, reference_data_dir: ``num_reference`` training images of that dataset,
-    chosen with ``seed``, pad small batches).
+    chosen with ``seed``, pad small batches; per_sample, deterministic: the serving mode), ``aaa`` (interval,
+    amplitude: AAA score post-processing against score-based query attacks; list it last).
 
 For attacks, a :class:`DefenseStack` says whether it is ``differentiable`` (else attack it under
 :func:`~trn.defenses.base.bpda_policy`) and ``randomized`` (else :meth:`DefenseStack.expected_logits` gives EOT).
@@ -34,8 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trn.defenses.base import is_randomized, straight_through
+from trn.defenses.aaa import AAAClassifier
+from trn.defenses.base import has_feature_split, is_randomized, straight_through
 from trn.defenses.gcm import GCMClassifier
+from trn.defenses.rnd import RandomNoise
 from trn.defenses.transforms import JPEG, BitDepthReduction, GaussianBlur, MedianSmoothing
 from trn.defenses.unig import UniGClassifier
 from trn.errors import ConfigError
@@ -59,11 +63,12 @@ INPUT_TRANSFORMS: dict[str, type[nn.Module]] = {
     "bit_depth": BitDepthReduction,
     "median": MedianSmoothing,
     "gaussian_blur": GaussianBlur,
+    "rnd": RandomNoise,
 }
-CLASSIFIER_WRAPPERS: dict[str, type[nn.Module]] = {"gcm": GCMClassifier, "unig": UniGClassifier}
+CLASSIFIER_WRAPPERS: dict[str, type[nn.Module]] = {"gcm": GCMClassifier, "unig": UniGClassifier, "aaa": AAAClassifier}
 _ALIASES = {
     "bitdepth": "bit_depth", "bit_depth_reduction": "bit_depth", "median_smoothing": "median", "median_blur": "median",
-    "blur": "gaussian_blur", "gaussian": "gaussian_blur", "restorer": "trn",
+    "blur": "gaussian_blur", "gaussian": "gaussian_blur", "restorer": "trn", "random_noise": "rnd", "noise": "rnd",
 }
 _TRN_PARAMS = ("checkpoint", "bpda")
 _UNIG_EXTRA = ("reference_dataset", "reference_data_dir")
@@ -322,6 +327,8 @@ def build_preprocessor(spec: Sequence[dict[str, Any] | str] | None, restorer: nn
 
 def _make_unig(classifier: nn.Module, reference_dataset: str | None = None, reference_data_dir: str | None = None,
                **params: Any) -> UniGClassifier:
+    if not has_feature_split(classifier):
+        UniGClassifier(classifier)  # raises the ConfigError that explains the missing split, before loading data
     if reference_dataset is not None:
         if params.get("reference_images") is not None:
             raise ConfigError("give either reference_images or reference_dataset, not both")
@@ -361,4 +368,6 @@ def build_defense_stack(spec: Sequence[dict[str, Any] | str] | None, classifier:
             model = _construct(i, name, GCMClassifier, model, **params)
         elif name == "unig":
             model = _construct(i, name, _make_unig, model, **params)
+        elif name == "aaa":
+            model = _construct(i, name, AAAClassifier, model, **params)
     return DefenseStack(pre, model, parsed)

@@ -19,9 +19,16 @@ Our choices where the summary is silent: the min-max normalisation uses one scal
 images is padded with stored reference (training) images, whose outputs are dropped; gradients that an attacker
 takes through the output treat ``P`` as a constant (they flow through ``f`` only).
 
-**Outputs are random and depend on the rest of the batch.** With ``seed=None`` the global torch RNG draws ``P``;
-with ``seed=k`` a private generator seeded once at construction does, so a fresh instance replays the same sequence of
-outputs (two calls on one instance still differ). Evaluate with EOT and with white-box / transfer attacks too.
+**By default outputs are random and depend on the rest of the batch** (the paper's setting). With ``seed=None`` the
+global torch RNG draws ``P``; with ``seed=k`` a private generator seeded once at construction does, so a fresh
+instance replays the same sequence of outputs (two calls on one instance still differ). Evaluate with EOT and with
+white-box / transfer attacks too.
+
+**Serving mode** (``per_sample=True, deterministic=True``; what the service uses): each image is unified with the
+stored reference images only - never with the other images of its batch, which in a service belong to other clients -
+and its ``P`` is drawn from a generator seeded with a hash of the image's bytes. The answer for an image then depends
+on that image alone (the same alone or inside any batch, up to float rounding) and re-sending it returns the same
+answer, so averaging repeated queries reveals nothing. ``per_sample`` needs ``reference_images``.
 
     >>> defended = UniGClassifier(classifier, reference_images=train_images[:4], seed=0)
     >>> logits = defended(x)                  # (N, num_classes); works under torch.no_grad / inference_mode
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trn.defenses.base import has_feature_split
+from trn.defenses.rnd import image_seed
 from trn.errors import ConfigError, ShapeError
 from trn.validation import check_images
 
@@ -78,7 +86,11 @@ class UniGClassifier(nn.Module):
         reference_images: (R, C, H, W) training images in [0, 1]; the first ``num_reference`` are kept and appended
             to batches of at most ``num_reference`` images so that a single image still has partners.
         num_reference: how many reference images to keep and the batch size up to which they are appended.
-        seed: seed of a private generator for ``P`` (None: the global torch RNG).
+        seed: seed of a private generator for ``P`` (None: the global torch RNG); with ``deterministic``, a salt.
+        per_sample: unify each image with the reference images only (its answer depends on it alone); needs
+            ``reference_images``.
+        deterministic: draw each image's ``P`` from a generator seeded with a hash of the image (needs
+            ``per_sample``): the same image always gets the same answer.
 
     Raises:
         ConfigError: the classifier has no features/head split, or a setting is out of range.
@@ -92,7 +104,8 @@ class UniGClassifier(nn.Module):
 
     def __init__(self, classifier: nn.Module, delta: float = 0.5, steps: int = 1, lr: float = 10.0,
                  momentum: float = 0.9, weight_decay: float = 5e-4, reference_images: torch.Tensor | None = None,
-                 num_reference: int = 4, seed: int | None = None) -> None:
+                 num_reference: int = 4, seed: int | None = None, per_sample: bool = False,
+                 deterministic: bool = False) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module) or not has_feature_split(classifier):
             raise ConfigError(
@@ -114,13 +127,25 @@ class UniGClassifier(nn.Module):
             check_images(reference_images, name="reference_images")
             reference_images = reference_images[: self.num_reference].detach().clone()
         self.register_buffer("reference_images", reference_images, persistent=False)
+        for name, flag in (("per_sample", per_sample), ("deterministic", deterministic)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"UniG: {name} must be true or false, got {flag!r}")
+        if per_sample and (reference_images is None or not len(reference_images)):
+            raise ConfigError("UniG: per_sample needs reference images (reference_images, or reference_dataset in a "
+                              "defence spec, e.g. {name: unig, reference_dataset: fashion-mnist})")
+        if deterministic and not per_sample:
+            raise ConfigError("UniG: deterministic needs per_sample: true (a batch-wide P cannot be seeded per image)")
+        self.per_sample, self.deterministic = per_sample, deterministic
+        if deterministic:
+            self.randomized = False  # instance attribute: the same image, the same answer
         if hasattr(classifier, "num_classes"):
             self.num_classes = classifier.num_classes
 
     def extra_repr(self) -> str:
         n = 0 if self.reference_images is None else len(self.reference_images)
         return (f"delta={self.delta}, steps={self.steps}, lr={self.lr}, momentum={self.momentum}, "
-                f"weight_decay={self.weight_decay}, references={n}, seed={self.seed}")
+                f"weight_decay={self.weight_decay}, references={n}, seed={self.seed}, per_sample={self.per_sample}, "
+                f"deterministic={self.deterministic}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.defend(x)[0]
@@ -162,6 +187,8 @@ class UniGClassifier(nn.Module):
         feats = clf.forward_features(x)  # (N, D); keeps the graph to x when the caller differentiates
         if n == 0:
             return clf.forward_head(feats), feats.detach()
+        if self.per_sample:
+            return self._defend_per_sample(x, feats, samples)
         f = feats.detach()
         refs = self.reference_images
         if refs is not None and len(refs) and n <= self.num_reference:
@@ -178,28 +205,59 @@ class UniGClassifier(nn.Module):
             logits = logits + clf.forward_head(feats * p[:n])
         return logits / samples, p[:n]
 
-    def _optimise_p(self, f: torch.Tensor) -> torch.Tensor:
-        """The UniG inner loop on detached features ``f`` (M, D); returns the detached, clamped ``P`` (M, D)."""
+    def _optimise_p(self, f: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+        """The UniG inner loop on detached features ``f``: (M, D) one group, or (G, M, D) independent groups (each
+        with its own min-max normalisation). ``init``: standard normal draws for ``P`` (else drawn here). Returns the
+        detached, clamped ``P``, shaped like ``f``."""
         clf, lo_p, hi_p = self.classifier, 1.0 - self.delta, 1.0 + self.delta
-        p = torch.randn(f.shape, generator=self._gen, dtype=f.dtype).mul_(0.5).add_(1.0)  # N(1, 0.5)
+        if init is None:
+            init = torch.randn(f.shape, generator=self._gen, dtype=f.dtype)
+        p = init.to(f.dtype).mul(0.5).add_(1.0)  # N(1, 0.5)
         p = p.to(f.device).clamp_(lo_p, hi_p).requires_grad_(True)
         if self.steps == 0:
             return p.detach()
         opt = torch.optim.SGD([p], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         f = f.detach().requires_grad_(True)
         with torch.enable_grad():
+            grouped = f.ndim == 3
             with torch.no_grad():
-                pseudo = clf.forward_head(f).argmax(1)  # undefended prediction
+                pseudo = clf.forward_head(f.reshape(-1, f.shape[-1])).argmax(1)  # undefended prediction
             lo = hi = None
             for _ in range(self.steps):
-                ce = F.cross_entropy(clf.forward_head(f * p), pseudo, reduction="sum")
-                (g,) = torch.autograd.grad(ce, f, create_graph=True)  # (M, D), a function of P
-                if lo is None:
-                    lo, hi = g.min().detach(), g.max().detach()
-                loss = unig_loss(g, lo, hi)
+                z = clf.forward_head((f * p).reshape(-1, f.shape[-1]))
+                ce = F.cross_entropy(z, pseudo, reduction="sum")
+                (g,) = torch.autograd.grad(ce, f, create_graph=True)  # like f, a function of P
+                if not grouped:
+                    if lo is None:
+                        lo, hi = g.min().detach(), g.max().detach()
+                    loss = unig_loss(g, lo, hi)
+                else:  # per group: its own normalisation, the sum of the groups' losses (independent gradients)
+                    if lo is None:
+                        lo, hi = g.amin((1, 2), keepdim=True).detach(), g.amax((1, 2), keepdim=True).detach()
+                    gn = (g - lo) / (hi - lo).clamp_min(1e-12)
+                    loss = (gn[:, :-1] - gn[:, 1:]).norm(dim=2).sum()
                 (grad_p,) = torch.autograd.grad(loss, p, allow_unused=True)
                 p.grad = torch.zeros_like(p) if grad_p is None else grad_p
                 opt.step()
                 with torch.no_grad():
                     p.clamp_(lo_p, hi_p)
         return p.detach()
+
+    def _defend_per_sample(self, x: torch.Tensor, feats: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving mode: image i is unified with the reference images only; groups are optimised side by side."""
+        clf, refs, n = self.classifier, self.reference_images, len(x)
+        if refs.shape[1:] != x.shape[1:]:
+            raise ShapeError(f"UniG reference images are {tuple(refs.shape[1:])}, inputs {tuple(x.shape[1:])}")
+        with torch.no_grad():
+            fr = clf.forward_features(refs.to(device=x.device, dtype=x.dtype)).detach()  # (R, D)
+        f = torch.cat([feats.detach()[:, None], fr[None].expand(n, -1, -1)], 1)  # (N, 1 + R, D)
+        logits = 0.0
+        for s in range(samples):
+            init = None
+            if self.deterministic:
+                salt = (self.seed or 0) + s
+                init = torch.stack([torch.randn(f.shape[1:], generator=torch.Generator().manual_seed(
+                    image_seed(x[i], salt)), dtype=f.dtype) for i in range(n)])
+            p = self._optimise_p(f, init)  # (N, 1 + R, D)
+            logits = logits + clf.forward_head(feats * p[:, 0])
+        return logits / samples, p[:, 0]

@@ -1,9 +1,9 @@
-"""The defence stack of the Ray layer: one spec for ``trn sanitize --defenses`` and the service's ``app.defenses``.
+"""Defence stack specs as plain data: one spec for ``trn sanitize --defenses`` and the service's ``app.defenses``.
 
 A spec is the list :mod:`trn.defenses.stack` composes, e.g.
 ``[{name: jpeg, quality: 50}, {name: trn, checkpoint: checkpoints/trn_fmnist}, {name: gcm}]``: input-side stages
 (``jpeg``, ``bit_depth``, ``median``, ``gaussian_blur``, ``trn``) first, then classifier wrappers (``gcm``, ``unig``).
-This module adds what a distributed job needs on top of the library (it imports no Ray):
+This module adds what a distributed job or a service needs on top of :mod:`trn.defenses.stack` (no Ray here):
 
 * reading the spec from a YAML file or an inline YAML/JSON string (the CLI's ``--defenses SPEC``);
 * insisting on plain JSON data, because the spec travels to Ray actors and replicas and is recorded in the job's
@@ -41,6 +41,7 @@ __all__ = [
     "describe_defenses",
     "load_defense_spec",
     "map_trn_checkpoints",
+    "serving_defenses",
     "split_defenses",
     "uses_default_restorer",
 ]
@@ -165,3 +166,28 @@ def describe_defenses(spec: Sequence[dict[str, Any]] | None, classifier: str = "
         params = {k: v for k, v in entry.items() if k != "name"}
         parts.append(entry["name"] + (f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""))
     return " -> ".join([*parts, classifier]) if parts else f"{classifier} (no defence)"
+
+
+def serving_defenses(spec: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A canonical spec made fit for a service that answers many clients: ``unig`` entries run in the serving mode
+    (``per_sample: true, deterministic: true``: each answer depends on its own image only, the same image gets the same
+    answer) and must name their reference images (``reference_dataset``), which are stored with the application.
+
+    Raises:
+        ConfigError: a ``unig`` entry without ``reference_dataset``, or one that sets ``per_sample: false``.
+    """
+    out = []
+    for i, entry in enumerate(spec):
+        entry = dict(entry)
+        if entry["name"] == "unig":
+            if entry.get("per_sample") is False or entry.get("deterministic") is False:
+                raise ConfigError(f"defenses: defence #{i} (unig): a service runs UniG per request (per_sample and "
+                                  "deterministic true); a batch-wide UniG would mix other clients' images into "
+                                  "each answer")
+            if not entry.get("reference_dataset"):
+                raise ConfigError(f"defenses: defence #{i} (unig): a service needs fixed reference images; add "
+                                  "reference_dataset (e.g. fashion-mnist; num_reference and seed pick the images)")
+            entry.setdefault("per_sample", True)
+            entry.setdefault("deterministic", True)
+        out.append(entry)
+    return out

@@ -1,14 +1,17 @@
-"""Settings of the TRN Serve application, as frozen dataclasses filled from YAML (no Ray import here).
+"""Settings of the TRN Serve application, as frozen Pydantic models filled from YAML (no Ray import here).
 
 Two layers, so that one set of application settings works under every launcher:
 
 * :class:`AppArgs`: everything the application itself needs (checkpoint, batching, replicas, input limits, the
-  downstream classifier, the defence stack). It is what ``workers.serve:build_app`` takes, what ``args:`` holds in a Ray Serve config
+  downstream classifier, the defence stack, the output policy, the query budget). It is what
+  ``workers.serve:build_app`` (the Ray layer) takes, what ``args:`` holds in a Ray Serve config
   file (``configs/serve_deploy.yaml``, KubeRay ``serveConfigV2``), and the ``app:`` section of ``configs/serve.yaml``.
 * :class:`ServeConfig`: ``app`` plus where ``trn serve`` listens and which Ray cluster it uses. Under ``serve run``
   / ``serve deploy`` these belong to the Serve config file's ``http_options`` instead.
 
-Every check raises :class:`~trn.errors.ConfigError` with the option's dotted name, before anything starts.
+Pydantic does the parsing and type checks (``build_app(args: AppArgs)`` is Ray's typed application-builder pattern:
+``serve run`` / ``serve deploy`` validate ``args`` with :class:`AppArgs` before calling it). Our own loaders turn its
+errors into one :class:`~trn.errors.ConfigError` line naming the option, before anything starts.
 
     >>> cfg = load_serve_config("configs/serve.yaml", ["app.max_batch_size=16"])
     >>> cfg.app.max_batch_size
@@ -17,24 +20,25 @@ Every check raises :class:`~trn.errors.ConfigError` with the option's dotted nam
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trn.config import from_dict, load_config
+from trn.config import parse_override
+from trn.defenses.spec import canonical_defenses, map_trn_checkpoints, serving_defenses, split_defenses
 from trn.errors import ConfigError
-from workers.defense_spec import canonical_defenses, map_trn_checkpoints, split_defenses
+from trn.output_policy import OutputPolicy
 
 __all__ = [
     "DOWNSTREAM_KINDS",
     "AppArgs",
     "AutoscalingArgs",
     "DownstreamArgs",
+    "QueryBudgetArgs",
     "ServeConfig",
     "app_args_from_mapping",
     "load_serve_config",
@@ -51,8 +55,36 @@ def _positive(where: str, value: float | None, allow_zero: bool = False) -> None
         raise ConfigError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class AutoscalingArgs:
+class _Args(BaseModel):
+    """Frozen, unknown keys refused; checks beyond types live in ``model_post_init`` and raise ConfigError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(cls: type[M], data: Any, where: str) -> M:
+    """``cls.model_validate(data)`` with Pydantic's errors as one ConfigError line (``where.option: message``)."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in (where, *err.get("loc", ())) if x != "")
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = f"unknown option {loc}"
+                parts.append(msg)
+                continue
+            if err.get("type") == "value_error" and isinstance((err.get("ctx") or {}).get("error"), ConfigError):
+                parts.append(str(err["ctx"]["error"]))
+                continue
+            parts.append(f"{loc}: {msg}")
+        raise ConfigError("; ".join(dict.fromkeys(parts))) from None
+
+
+class AutoscalingArgs(_Args):
     """Ray Serve ``autoscaling_config`` for the restorer (replaces a fixed ``num_replicas``)."""
 
     min_replicas: int = 1  # 0 allows scale-to-zero (first request then waits for a cold start)
@@ -64,7 +96,7 @@ class AutoscalingArgs:
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 300.0
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any, /) -> None:
         _positive("autoscaling.min_replicas", self.min_replicas, allow_zero=True)
         _positive("autoscaling.max_replicas", self.max_replicas)
         _positive("autoscaling.target_ongoing_requests", self.target_ongoing_requests)
@@ -78,11 +110,10 @@ class AutoscalingArgs:
                               f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
 
     def to_ray(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return self.model_dump(exclude_none=True)
 
 
-@dataclass(frozen=True)
-class DownstreamArgs:
+class DownstreamArgs(_Args):
     """The classifier that ``POST /v1/classify`` forwards restored images to.
 
     kinds: ``none`` (no /v1/classify), ``guard`` (the restorer's own guard classifier, in the restorer replica),
@@ -104,7 +135,7 @@ class DownstreamArgs:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any, /) -> None:
         if self.kind in ("checkpoint", "torchscript", "export") and not self.path:
             raise ConfigError(f"downstream.path is required when downstream.kind is {self.kind!r}")
         if self.kind == "http":
@@ -125,9 +156,35 @@ class DownstreamArgs:
         return self.kind in ("checkpoint", "torchscript", "export")
 
 
-@dataclass(frozen=True)
-class AppArgs:
-    """Arguments of ``workers.serve:build_app`` (the ``args:`` of a Serve config file)."""
+class QueryBudgetArgs(_Args):
+    """Per-client query budget (:class:`trn.query_budget.QueryBudget`): a token bucket per API key, else per client
+    address. A batch request costs one query per image. Past the budget: 429 with ``Retry-After``. Each replica keeps
+    its own buckets (exact with one replica; with R replicas a client may get up to R times the rate)."""
+
+    rate: float = 10.0  # queries per second refilled per client
+    burst: int = 100  # queries a client may send at once (also the largest batch it can send)
+    total: int | None = None  # lifetime cap per client (a query-attack budget); None: none
+    key_header: str = "x-api-key"  # header holding the client's key; absent: the client's address is the key
+
+    def model_post_init(self, context: Any, /) -> None:
+        _positive("query_budget.rate", self.rate)
+        _positive("query_budget.burst", self.burst)
+        _positive("query_budget.total", self.total)
+        if not self.key_header or not isinstance(self.key_header, str):
+            raise ConfigError(f"query_budget.key_header must be a header name, got {self.key_header!r}")
+
+
+class AppArgs(_Args):
+    """Arguments of ``workers.serve:build_app`` (the ``args:`` of a Serve config file).
+
+    Validated from a mapping as Serve hands it over: typed YAML from a config file, or ``key=value`` strings from
+    ``serve run`` (see :func:`app_args_from_mapping`; dotted keys reach sections, ``config=`` starts from a file).
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_serve_args(cls, data: Any) -> Any:
+        return _expand_args(data) if isinstance(data, Mapping) else data
 
     restorer: str = "checkpoints/trn_fmnist"  # restorer checkpoint (NAME.safetensors + NAME.json)
     device: str = "auto"  # auto: cuda when the replica was given a GPU, else cpu
@@ -152,15 +209,21 @@ class AppArgs:
     max_pixels: int = 1 << 22  # width*height from the image header, checked before decoding (bombs) -> 400
     resize: Literal["reject", "resize"] = "reject"  # off-size images: 422, or bilinear resize (reported in a header)
     channel_policy: Literal["reject", "convert"] = "reject"  # grey<->RGB mismatch: 422, or convert
-    downstream: DownstreamArgs = field(default_factory=DownstreamArgs)
+    downstream: DownstreamArgs = Field(default_factory=DownstreamArgs)
     # Defence stack (trn.defenses.stack), e.g. [{name: jpeg, quality: 50}, trn, {name: gcm}]. The input side
     # (jpeg, bit_depth, median, gaussian_blur, trn, in order) answers /v1/restore and feeds /v1/classify; classifier
     # wrappers (gcm, unig) wrap the downstream classifier, so they need one that runs as a torch module (guard,
     # checkpoint, torchscript, export). A trn entry without its own checkpoint is `restorer`, which also sets the image
     # size. None: [trn], the restorer alone.
-    defenses: list[dict[str, Any] | str] | None = None
+    defenses: Any = None  # checked (and made canonical) by trn.defenses.spec in model_post_init
+    # What /v1/classify returns (trn.output_policy): label (the default: no scores for score-based query attacks to
+    # read; docs/deploy.md), top_k (k classes), rounded (every class, `decimals` decimals) or full. A request may ask
+    # for less (?output=label, ?output=top_k&k=1, ?output=rounded&decimals=1), never more (403).
+    output: OutputPolicy = Field(default_factory=lambda: OutputPolicy("label"))
+    query_budget: QueryBudgetArgs | None = None  # None: no per-client limit
+    max_batch_images: int = 256  # images in one /v1/*/batch request (413 above)
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any, /) -> None:
         if not self.restorer:
             raise ConfigError("restorer (a checkpoint path) is required")
         _positive("max_batch_size", self.max_batch_size)
@@ -178,8 +241,9 @@ class AppArgs:
         _positive("health_check_period_s", self.health_check_period_s)
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("max_pixels", self.max_pixels)
+        _positive("max_batch_images", self.max_batch_images)
         if self.defenses is not None:
-            _, wrappers = split_defenses(canonical_defenses(self.defenses, "defenses"))
+            _, wrappers = split_defenses(serving_defenses(canonical_defenses(self.defenses, "app.defenses")))
             if wrappers and self.downstream.kind in ("http", "none"):
                 raise ConfigError(
                     f"defenses: the classifier wrapper(s) {[w['name'] for w in wrappers]} wrap the downstream "
@@ -209,13 +273,13 @@ class AppArgs:
         ds = self.downstream
         if ds.path:
             suffixes = (".safetensors",) if ds.kind == "checkpoint" else ("",)
-            ds = dataclasses.replace(ds, path=_resolve(ds.path, "downstream.path", suffixes))
+            ds = ds.model_copy(update={"path": _resolve(ds.path, "downstream.path", suffixes)})
         defenses = self.defenses
         if defenses is not None:
             defenses = map_trn_checkpoints(
-                canonical_defenses(defenses, "defenses"),
+                serving_defenses(canonical_defenses(defenses, "defenses")),
                 lambda i, path: _resolve(path, f"defenses[{i}] (trn) checkpoint", (".safetensors",)))
-        return dataclasses.replace(self, restorer=restorer, downstream=ds, defenses=defenses)
+        return self.model_copy(update={"restorer": restorer, "downstream": ds, "defenses": defenses})
 
 
 def _resolve(path: str, where: str, suffixes: tuple[str, ...]) -> str:
@@ -229,11 +293,10 @@ def _resolve(path: str, where: str, suffixes: tuple[str, ...]) -> str:
     raise ConfigError(f"{where}: file not found: {shown}")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(_Args):
     """``trn serve --config``: the application plus where it listens (configs/serve.yaml)."""
 
-    app: AppArgs = field(default_factory=AppArgs)
+    app: AppArgs = Field(default_factory=AppArgs)
     host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines' requests
     port: int = 8000
     route_prefix: str = "/"
@@ -241,7 +304,7 @@ class ServeConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or ray://...: join that cluster
     ray_num_cpus: int | None = None  # CPUs a locally started Ray may use (None: all)
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any, /) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must lie in [0, 65535], got {self.port}")
         if not self.route_prefix.startswith("/"):
@@ -250,8 +313,27 @@ class ServeConfig:
 
 
 def load_serve_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ServeConfig:
-    """Read configs/serve.yaml-style YAML plus ``key=value`` overrides (``app.max_batch_size=8``)."""
-    return load_config(ServeConfig, path, overrides)
+    """Read configs/serve.yaml-style YAML plus ``key=value`` overrides (``app.max_batch_size=8``).
+
+    Raises:
+        ConfigError: a missing / invalid file, or a bad option (named).
+    """
+    data: dict[str, Any] = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of options at top level")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_dotted(data, keys, value, f"override {text!r}")
+    return _validate(ServeConfig, data, where)
 
 
 def app_args_from_mapping(args: Mapping[str, Any] | None) -> AppArgs:
@@ -265,12 +347,28 @@ def app_args_from_mapping(args: Mapping[str, Any] | None) -> AppArgs:
     Raises:
         ConfigError: unknown option, wrong type or bad value, with its name.
     """
-    args = dict(args or {})
-    base: dict[str, Any] = {}
+    return _validate(AppArgs, dict(args or {}), "app")
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any, what: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {k} is not a section")
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = _merge(node[last], value)
+    else:
+        node[last] = value
+
+
+def _expand_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Serve's builder args as AppArgs data: ``config=`` base, YAML-read strings, dotted keys into sections."""
+    args = dict(args)
+    data: dict[str, Any] = {}
     if "config" in args:
-        cfg_path = args.pop("config")
-        base = dataclasses.asdict(load_serve_config(cfg_path).app)
-    data = _merge(base, {})
+        data = load_serve_config(args.pop("config")).app.model_dump()
     for key, value in args.items():
         if not isinstance(key, str):
             raise ConfigError(f"application args: keys must be strings, got {key!r}")
@@ -279,18 +377,8 @@ def app_args_from_mapping(args: Mapping[str, Any] | None) -> AppArgs:
                 value = yaml.safe_load(value) if value.strip() else value
             except yaml.YAMLError as e:
                 raise ConfigError(f"application arg {key}={value!r} is not valid YAML: {e}") from e
-        node = data
-        parts = key.split(".")
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"application arg {key!r}: {k} is not a section")
-        last = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(last), dict):
-            node[last] = _merge(node[last], value)
-        else:
-            node[last] = value
-    return from_dict(AppArgs, data, where="app")
+        _set_dotted(data, key.split("."), value, f"application arg {key!r}")
+    return data
 
 
 def _merge(a: dict, b: dict) -> dict:

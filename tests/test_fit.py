@@ -1,0 +1,120 @@
+"""``trn fit``: a restorer fitted to a tiny classifier raises that classifier's robust accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trn.attacks import create_attack
+from trn.classifiers import create_classifier
+from trn.cli import main
+from trn.data import load_dataset, save_npz
+from trn.errors import ConfigError, DataError, ShapeError
+from trn.fit import FitConfig, fit, load_fit_data
+from trn.restorer import Restorer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """2,000 Fashion-MNIST training images (npz), a tiny MLP trained on them (TorchScript), an identity restorer."""
+    d = tmp_path_factory.mktemp("fit")
+    torch.manual_seed(0)
+    ds = load_dataset("fashion-mnist", None, "train").subset(2000, 0)
+    save_npz(d / "data.npz", ds)
+    m = create_classifier("zoo_mlp", hidden=32, depth=1)
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    for _ in range(3):
+        for i in range(0, len(ds), 100):
+            loss = F.cross_entropy(m(ds.images[i : i + 100]), ds.labels[i : i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    torch.jit.script(m).save(str(d / "clf.pt"))
+    Restorer.build(seed=0).save(d / "start")  # trn_tiny; its head starts at zero: the identity
+    return d, m
+
+
+def _robust(r: Restorer, clf, x, y) -> float:
+    x_adv = create_attack("pgd", eps=0.1, steps=10, seed=3)(clf, x, y)
+    return (clf(r.restore(x_adv)).argmax(1) == y).float().mean().item()
+
+
+def test_fit_raises_robust_accuracy(setup):
+    d, clf = setup
+    torch.set_num_threads(1)
+    cfg = FitConfig(classifier=str(d / "clf.pt"), data=str(d / "data.npz"), restorer=str(d / "start"),
+                    out=str(d / "fitted"), images=768, batch_size=64, val_size=150, lr=3e-3, device="cpu")
+    fitted = fit(cfg)
+    test = load_dataset("fashion-mnist", None, "test").subset(200, 5)  # images fit never saw
+    start = Restorer.load(d / "start")
+    before, after = _robust(start, clf, test.images, test.labels), _robust(fitted, clf, test.images, test.labels)
+    assert after > before + 0.05, (before, after)
+    hist = fitted.metadata["history"]
+    assert [h["epoch"] for h in hist] == [0, 1] and fitted.metadata["selected_epoch"] == 1
+    assert Restorer.load(d / "fitted").metadata["init_from"]["path"] == str(d / "start")
+
+
+def test_fit_cli_errors(setup, tmp_path, capsys):
+    d, _ = setup
+    (tmp_path / "x.txt").write_text("no")
+    rc = main(["fit", "--classifier", str(tmp_path / "x.txt"), "--data", str(d / "data.npz"),
+               "--restorer", str(d / "start"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "is not a classifier file" in capsys.readouterr().err
+    rc = main(["fit", "--classifier", str(d / "clf.pt"), "--data", str(d / "data.npz"),
+               "--restorer", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "restorer checkpoint not found" in capsys.readouterr().err
+
+
+def test_fit_bad_inputs(setup, tmp_path):
+    d, _ = setup
+    with pytest.raises(DataError, match="expected an image folder or an .npz file"):
+        (tmp_path / "f.csv").write_text("1")
+        load_fit_data(str(tmp_path / "f.csv"))
+    with pytest.raises(DataError, match="not found"):
+        load_fit_data(str(tmp_path / "missing.npz"))
+    with pytest.raises(ConfigError, match="images must be >= 1"):
+        FitConfig(classifier="c", images=0)
+    rgb = load_dataset("fashion-mnist", None, "test").subset(300, 0)
+    rgb.images = rgb.images.repeat(1, 3, 1, 1)
+    save_npz(tmp_path / "rgb.npz", rgb)
+    with pytest.raises(ShapeError, match=r"the data's images are \(3, 28, 28\)"):
+        fit(FitConfig(classifier=str(d / "clf.pt"), data=str(tmp_path / "rgb.npz"), restorer=str(d / "start"),
+                      out=str(tmp_path / "o"), val_size=10))
+
+
+def test_zoo_batch_and_loss():
+    import random
+
+    from trn.train_agnostic import AgnosticTrainConfig, agnostic_loss, make_zoo_batch, split_train_val
+
+    torch.manual_seed(0)
+    zoo = [create_classifier("zoo_mlp", hidden=8, depth=1).eval(), create_classifier("zoo_cnn", width=2).eval()]
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    for target in ("random", "ensemble"):
+        cfg = AgnosticTrainConfig(chunks=4, clean_chunks=1, eps_max=0.05, attacks=["pgd", "fgsm"],
+                                  attack_target=target)
+        x_in, is_clean, tags = make_zoo_batch(zoo, x, y, cfg, random.Random(0))
+        assert is_clean.tolist() == [True] * 4 + [False] * 12 and tags[0] == "clean" and len(tags) == 4
+        assert torch.equal(x_in[:4], x[:4]) and (x_in - x).abs().max() <= 0.05 + 1e-6
+        assert not torch.equal(x_in[4:], x[4:])
+        assert all(("/ens" in t) == (target == "ensemble") for t in tags[1:])
+    logp = [F.log_softmax(m(x), 1) for m in zoo]
+    loss, parts = agnostic_loss(x.clone(), x, is_clean, zoo, logp, cfg)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and parts["kl"] == pytest.approx(0.0, abs=1e-6)
+    loss2, _ = agnostic_loss(x_in, x, is_clean, zoo, logp, cfg)
+    assert loss2.item() > 0
+    from trn.data import ImageDataset
+
+    ds = ImageDataset(torch.arange(100.0).div(100).view(100, 1, 1, 1).expand(100, 1, 28, 28).contiguous(),
+                      torch.arange(100) % 10, tuple("abcdefghij"))
+    tr, va = split_train_val(ds, 20, 0)
+    ids = lambda d: set(torch.round(d.images[:, 0, 0, 0] * 100).long().tolist())
+    assert len(va) == 20 and ids(tr) | ids(va) == set(range(100)) and not ids(tr) & ids(va)
+    assert ids(split_train_val(ds, 20, 0)[1]) == ids(va) != ids(split_train_val(ds, 20, 1)[1])  # seeded
+    with pytest.raises(ConfigError, match="zoo needs at least one classifier"):
+        AgnosticTrainConfig(zoo=[])
+    with pytest.raises(ConfigError, match="val_size 100 leaves no training images"):
+        split_train_val(ds, 100, 0)

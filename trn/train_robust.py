@@ -1,0 +1,276 @@
+"""Adversarially train a restorer in front of a FROZEN guard: ``trn train-robust --config configs/trn_fmnist_robust.yaml``.
+
+The gray-box TRN (:mod:`trn.train_trn`) learns to undo attacks crafted on the guard alone, and an attacker who
+differentiates the whole pipeline breaks it (~9 % under PGD-40). Here the training attacks are *adaptive*: each batch
+is attacked through ``guard(restorer(x))`` itself, with one of three backward passes drawn per batch (the ways the
+evaluation attacks it, see :mod:`trn.evaluate`):
+
+* ``gconst``: the gradient map recomputed at every step but held constant in the backward pass (the strongest of the
+  three against the gray-box net);
+* ``e2e``: end to end, the map's estimation differentiated too (``create_graph=True``);
+* ``bpda``: the restorer as the identity in the backward pass (Athalye et al. 2018).
+
+The loss is TRADES (Zhang et al. 2019) on the frozen guard's logits, plus a small fidelity term::
+
+    CE(guard(R(x)), y) + beta * KL(guard(R(x)) || guard(R(x_adv))) + fidelity * L1(R(x), x)
+
+(``loss: pgd_at`` replaces the first two terms by Madry's CE on ``R(x_adv)`` plus ``clean_weight`` x CE on ``R(x)``).
+Only the restorer's weights move; the guard is never updated, so any classifier trained for the guard's job can sit
+behind the restorer. Resumable mid-epoch (``save_every`` steps); the per-``val_every`` check uses a validation split
+carved from the training set, never the test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trn.attacks import create_attack
+from trn.checkpoint import checkpoint_digest, checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.classifiers import load_classifier
+from trn.config import to_dict
+from trn.data import load_dataset
+from trn.errors import CheckpointError, ConfigError
+from trn.evaluate import bpda
+from trn.gradients import GradientMapEstimator, map_channels
+from trn.model import create_trn
+from trn.restorer import Restorer
+from trn.utils import batches, pick_device, seed_everything
+
+__all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust"]
+log = logging.getLogger(__name__)
+
+ATTACK_KINDS = ("gconst", "e2e", "bpda")
+
+
+@dataclass(frozen=True)
+class RobustTrainConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    guard: str = "checkpoints/fmnist_guard"    # the frozen classifier behind the restorer
+    init_from: str | None = "checkpoints/trn_fmnist"  # start from this restorer (its guard must be `guard`); None: new
+    arch: str = "trn_small_28"                 # used only when init_from is None
+    two_stream: bool = True                    # used only when init_from is None
+    estimator_mode: str = "hybrid"             # used only when init_from is None
+    eps: float = 0.1                           # Linf budget of the training attack (= the evaluation's)
+    attack_steps: int = 3                      # PGD steps per training attack (CPU: each step is a pipeline fwd+bwd)
+    attack_alpha: float = 0.05                 # PGD step size
+    kinds: dict[str, float] = field(default_factory=lambda: {"gconst": 0.6, "e2e": 0.2, "bpda": 0.2})  # draw weights
+    loss: Literal["trades", "pgd_at"] = "trades"
+    beta: float = 6.0                          # TRADES robustness weight
+    clean_weight: float = 0.5                  # pgd_at: weight of the clean CE term
+    fidelity: float = 0.1                      # weight of L1(R(x), x): clean images should come back as themselves
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 5e-4                           # AdamW, cosine decay to 0 over all epochs
+    weight_decay: float = 1e-4
+    limit_train: int | None = None             # seeded subset of the training images (quick runs, tests)
+    val_size: int = 2000                       # held out from the TRAINING set for validation
+    val_images: int = 500                      # of those, used by the periodic check (PGD-10 through the pipeline)
+    val_every: int = 100                       # steps between validation checks (and at each epoch's end)
+    save_every: int = 50                       # steps between resumable train-state saves
+    max_steps: int | None = None               # stop after this many steps in this run (a stage that fits a session)
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None                 # torch CPU threads (None: torch's default)
+    out: str = "checkpoints/trn_fmnist_robust"
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.kinds) - set(ATTACK_KINDS))
+        if bad or not self.kinds or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
+            raise ConfigError(f"kinds must map a subset of {list(ATTACK_KINDS)} to non-negative weights, got {self.kinds}")
+        if self.loss not in ("trades", "pgd_at"):
+            raise ConfigError(f"loss must be 'trades' or 'pgd_at', got {self.loss!r}")
+        if not 0 < self.eps <= 1 or self.attack_steps < 1 or self.attack_alpha <= 0:
+            raise ConfigError("need 0 < eps <= 1, attack_steps >= 1 and attack_alpha > 0")
+        if self.val_images > self.val_size:
+            raise ConfigError(f"val_images ({self.val_images}) cannot exceed val_size ({self.val_size})")
+
+
+def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> guard(restorer(x))`` with the backward pass of ``kind`` (see the module docstring).
+
+    Example:
+        >>> model = adaptive_pipeline(r, "gconst")
+        >>> x_adv = create_attack("pgd", eps=0.1, steps=10)(model, x, y)
+    """
+    guard = restorer.guard
+    if kind == "gconst":  # create_graph=False: the map is recomputed but detached, a constant in the backward pass
+        return lambda x: guard(restorer(x))
+    if kind == "e2e":
+        return lambda x: guard(restorer(x, create_graph=True))
+    if kind == "bpda":
+        return lambda x: guard(bpda(restorer)(x))
+    raise ConfigError(f"unknown adaptive attack kind {kind!r}; choose from {list(ATTACK_KINDS)}")
+
+
+def robust_loss(restorer: Restorer, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+                cfg: RobustTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its parts (see the module docstring).
+
+    Shape:
+        x, x_adv: (B, C, H, W) in [0, 1]; y: (B,)
+    """
+    b = len(x)
+    xx = torch.cat([x, x_adv])                                    # (2B, C, H, W): clean first, then attacked
+    g = restorer.gradient_map(xx) if restorer.net.cfg.two_stream else None
+    restored = restorer.net(xx, g)
+    logits = restorer.guard(restored)
+    z_clean, z_adv = logits[:b], logits[b:]
+    fid = F.l1_loss(restored[:b], x)
+    if cfg.loss == "trades":
+        ce = F.cross_entropy(z_clean, y)
+        rob = F.kl_div(F.log_softmax(z_adv, 1), F.log_softmax(z_clean, 1), log_target=True, reduction="batchmean")
+        loss = ce + cfg.beta * rob + cfg.fidelity * fid
+    else:
+        ce = F.cross_entropy(z_clean, y)
+        rob = F.cross_entropy(z_adv, y)
+        loss = rob + cfg.clean_weight * ce + cfg.fidelity * fid
+    parts = {"ce": ce.item(), "rob": rob.item(), "l1": fid.item(),
+             "acc_adv": (z_adv.argmax(1) == y).float().mean().item()}
+    return loss, parts
+
+
+def _load_restorer(cfg: RobustTrainConfig, device: torch.device) -> tuple[Restorer, dict]:
+    """The restorer to train: ``init_from``'s (checked against ``guard``) or a new net paired with ``guard``."""
+    if cfg.init_from is None:
+        est = GradientMapEstimator(cfg.estimator_mode)
+        c = 1 if cfg.dataset == "fashion-mnist" else 3
+        m = map_channels(cfg.estimator_mode, c)
+        net = create_trn(cfg.arch, in_channels=c, two_stream=cfg.two_stream, grad_channels=0 if m == c else m)
+        return Restorer.from_guard_checkpoint(cfg.guard, net, est, device), {}
+    r = Restorer.load(cfg.init_from, device)
+    guard, _ = load_classifier(cfg.guard, device)
+    theirs, ours = r.guard.state_dict(), guard.state_dict()
+    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours):
+        raise CheckpointError(f"init_from {cfg.init_from}: its guard is not {cfg.guard}")
+    r.guard._trn_meta = {**r.guard._trn_meta, "path": cfg.guard}
+    prev = load_checkpoint(cfg.init_from, "cpu")[1]
+    return r, {"init_from": {"path": cfg.init_from, "digest": checkpoint_digest(cfg.init_from),
+                             "config": prev.get("config")}}
+
+
+def _state_path(out: str) -> Path:
+    return Path(str(checkpoint_paths(out)[0].with_suffix("")) + "_train_state")
+
+
+def _save_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer, step: int, history: list) -> None:
+    state = {f"net.{k}": v for k, v in r.net.state_dict().items()}
+    for pid, s in opt.state_dict()["state"].items():
+        for name, t in s.items():
+            state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    meta = {"kind": "robust_train_state", "step": step, "config": to_dict(cfg), "history": history}
+    save_checkpoint(_state_path(cfg.out), state, meta)
+
+
+def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer) -> tuple[int, list]:
+    path = _state_path(cfg.out)
+    if not cfg.resume or not checkpoint_paths(path)[0].is_file():
+        return 0, []
+    state, meta = load_checkpoint(path, r.device)
+    mine = {k: v for k, v in to_dict(cfg).items() if k not in ("max_steps", "threads", "device")}
+    theirs = {k: v for k, v in meta.get("config", {}).items() if k not in ("max_steps", "threads", "device")}
+    if mine != theirs:
+        raise CheckpointError(f"{path}: saved with a different config; delete it or set resume: false")
+    r.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    sd = opt.state_dict()
+    for key, t in state.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)
+    log.info("resumed from %s at step %d", path, meta["step"])
+    return int(meta["step"]), list(meta.get("history", []))
+
+
+@torch.no_grad()
+def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
+    """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images."""
+    r.eval()
+    pipe = adaptive_pipeline(r, "gconst")
+    atk = create_attack("pgd", eps=eps, steps=10, seed=1)
+    clean = adv = 0
+    for s in batches(len(x), 250):
+        xb, yb = x[s], y[s]
+        clean += (pipe(xb).argmax(1) == yb).sum().item()
+        adv += (pipe(atk(pipe, xb, yb)).argmax(1) == yb).sum().item()
+    return {"val_clean": clean / len(x), "val_pgd10_gconst": adv / len(x)}
+
+
+def train_robust(cfg: RobustTrainConfig) -> Restorer:
+    """Train per ``cfg``; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON) and return it.
+
+    With ``max_steps`` the run stops early (train state saved, no final checkpoint unless training is complete),
+    and the next call with the same config resumes.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    full = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    if cfg.limit_train is not None:
+        train_idx = train_idx[: cfg.limit_train]
+    x_val = full.images[val_idx[: cfg.val_images]].to(device)
+    y_val = full.labels[val_idx[: cfg.val_images]].to(device)
+    r, init = _load_restorer(cfg, device)
+    opt = torch.optim.AdamW(r.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(train_idx) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    step, history = _load_state(cfg, r, opt)
+    kinds, weights = list(cfg.kinds), list(cfg.kinds.values())
+    t0, done_now = time.time(), 0
+    bar = tqdm(total=total, initial=step, desc="robust trn")
+    while step < total:
+        if cfg.max_steps is not None and done_now >= cfg.max_steps:
+            break
+        epoch, i = divmod(step, steps_per_epoch)
+        perm = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))]
+        s = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+        x, y = full.images[perm[s]].to(device), full.labels[perm[s]].to(device)
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # a pure function of the step: resume-safe
+        kind = rng.choices(kinds, weights)[0]
+        r.net.train()
+        atk = create_attack("pgd", eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, seed=rng.randrange(2**31))
+        x_adv = atk(adaptive_pipeline(r, kind), x, y)
+        loss, parts = robust_loss(r, x, x_adv, y, cfg)
+        for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)
+            group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        done_now += 1
+        bar.update(1)
+        bar.set_postfix(kind=kind, **{k: f"{v:.3f}" for k, v in parts.items()})
+        if step % cfg.val_every == 0 or step % steps_per_epoch == 0 or step == total:
+            val = _validate(r, x_val, y_val, cfg.eps)
+            history.append({"step": step, "epoch": step / steps_per_epoch, **val})
+            log.info("step %d (epoch %.2f): %s", step, step / steps_per_epoch, val)
+        if step % cfg.save_every == 0 or step == total:
+            _save_state(cfg, r, opt, step, history)
+    bar.close()
+    _save_state(cfg, r, opt, step, history)
+    if step < total:
+        log.info("stopped at step %d of %d (max_steps); rerun the same config to resume", step, total)
+    r.eval()
+    # The restorer checkpoint is written at every stop, so that a stage can be evaluated and shipped; its metadata
+    # says how far training got (complete: false for a stage before the last).
+    path = r.save(cfg.out, config=to_dict(cfg), history=history, train_images=len(train_idx), **init,
+                  step=step, total_steps=total, complete=step == total,
+                  threat_model="adaptive white-box (trained through the whole pipeline)",
+                  train_seconds_last_run=round(time.time() - t0, 1), dataset=cfg.dataset, torch=torch.__version__)
+    log.info("saved %s (step %d of %d)", path, step, total)
+    return r

@@ -64,14 +64,13 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def job(tmp_path_factory: pytest.TempPathFactory, changing_checkpoint: Path) -> tuple[Path, Path]:
+    """A float32 npz of N random images and a restorer that changes images (an echo would fail the tests)."""
     tmp = tmp_path_factory.mktemp("job")
-    r = Restorer.build(seed=0)
-    r.save(tmp / "tiny")
     g = torch.Generator().manual_seed(0)
     ds = ImageDataset(torch.rand(N, 1, 28, 28, generator=g), torch.randint(0, 10, (N,), generator=g),
                       tuple(str(i) for i in range(10)))
-    return save_npz(tmp / "x.npz", ds, image_dtype="float32"), tmp / "tiny"
+    return save_npz(tmp / "x.npz", ds, image_dtype="float32"), changing_checkpoint
 
 
 def _node_ids(cluster) -> set[str]:
@@ -119,8 +118,10 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_actor(cluster, job, t
                           "node", "worker"} for r in driver_rows)
     out = load_npz(tmp_path / "out" / "x.npz")
     assert len(out) == N
-    expected = Restorer.load(checkpoint).restore(load_npz(npz).images)
+    inputs = load_npz(npz).images
+    expected = Restorer.load(checkpoint).restore(inputs)
     assert torch.allclose(out.images, expected, atol=1e-5)
+    assert (out.images - inputs).abs().amax() > 1e-3  # the restorer's change arrived (not an echo of the input)
 
 
 def test_address_and_ray_address_join_the_cluster(cluster, job, tmp_path: Path,

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from trn.errors import CheckpointError
 from trn.weights import resolve_checkpoint
 
-__all__ = ["checkpoint_digest", "checkpoint_paths", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_digest", "checkpoint_paths", "load_checkpoint", "load_training_state", "save_checkpoint",
+           "training_state"]
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -72,3 +73,26 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint metadata {meta_path} must be a JSON object")
     return state, metadata
+
+
+def training_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A network's weights and its optimizer's per-parameter state as flat safetensors keys (``net.*``, ``opt.*``).
+
+    The inverse is :func:`load_training_state`; the trainers add their own keys (RNG state) and JSON metadata.
+    """
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    for pid, s in opt.state_dict()["state"].items():
+        for name, t in s.items():
+            state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    return state
+
+
+def load_training_state(state: dict[str, torch.Tensor], net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load what :func:`training_state` wrote back into ``net`` and ``opt`` (in place)."""
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    sd = opt.state_dict()
+    for key, t in state.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)

@@ -36,15 +36,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trn.attacks import create_attack
-from trn.checkpoint import checkpoint_digest, checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.checkpoint import (
+    checkpoint_digest,
+    checkpoint_paths,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    training_state,
+)
 from trn.classifiers import load_classifier
 from trn.config import to_dict
 from trn.data import load_dataset
 from trn.errors import CheckpointError, ConfigError
-from trn.evaluate import bpda
 from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import create_trn
 from trn.restorer import Restorer
+from trn.robustness import bpda
 from trn.utils import batches, pick_device, seed_everything
 
 __all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust"]
@@ -166,10 +173,7 @@ def _state_path(out: str) -> Path:
 
 
 def _save_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer, step: int, history: list) -> None:
-    state = {f"net.{k}": v for k, v in r.net.state_dict().items()}
-    for pid, s in opt.state_dict()["state"].items():
-        for name, t in s.items():
-            state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    state = training_state(r.net, opt)
     meta = {"kind": "robust_train_state", "step": step, "config": to_dict(cfg), "history": history}
     save_checkpoint(_state_path(cfg.out), state, meta)
 
@@ -183,13 +187,7 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
     theirs = {k: v for k, v in meta.get("config", {}).items() if k not in ("max_steps", "threads", "device")}
     if mine != theirs:
         raise CheckpointError(f"{path}: saved with a different config; delete it or set resume: false")
-    r.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-    sd = opt.state_dict()
-    for key, t in state.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            sd["state"].setdefault(int(pid), {})[name] = t
-    opt.load_state_dict(sd)
+    load_training_state(state, r.net, opt)
     log.info("resumed from %s at step %d", path, meta["step"])
     return int(meta["step"]), list(meta.get("history", []))
 
@@ -211,8 +209,8 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict
 def train_robust(cfg: RobustTrainConfig) -> Restorer:
     """Train per ``cfg``; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON) and return it.
 
-    With ``max_steps`` the run stops early (train state saved, no final checkpoint unless training is complete),
-    and the next call with the same config resumes.
+    With ``max_steps`` the run stops early; the train state and the restorer checkpoint are written at every stop
+    (``complete: false`` in its metadata until the last step), and the next call with the same config resumes.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

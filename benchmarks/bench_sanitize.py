@@ -7,7 +7,7 @@
 
 Both sides do the work of one npz job: restore every image, classify it with the guard before and after, measure
 Linf/L2, write the restored npz and a JSONL manifest row per image. The in-process loop runs in this process with ``--workers`` torch threads; the Ray side is
-:func:`workers.sanitize.sanitize` on a local Ray with ``--workers`` single-threaded actors (so both use the same
+:func:`trn_workers.sanitize.sanitize` on a local Ray with ``--workers`` single-threaded actors (so both use the same
 number of cores), writing its outputs and manifest to a temporary folder. Ray's own start (``ray.init``) is not
 counted; actor start-up, planning and writing are. Two Ray figures are printed: end to end (the whole ``sanitize``
 call) and steady state (first to last batch reaching the driver, which leaves out actor start-up), plus the fixed
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from workers.resources import local_num_cpus
-    from workers.sanitize import SanitizeConfig, sanitize
+    from trn_workers.resources import local_num_cpus
+    from trn_workers.sanitize import SanitizeConfig, sanitize
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -158,7 +158,7 @@ def scaling(args: argparse.Namespace) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from workers.sanitize import SanitizeConfig, sanitize
+    from trn_workers.sanitize import SanitizeConfig, sanitize
 
     counts = [int(n) for n in args.nodes.split(",")]
     results = []

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from trn.restorer import Restorer
-    from workers.serve import build_app
+    from trn_workers.serve import build_app
 
     tmp = None
     ckpt = a.checkpoint

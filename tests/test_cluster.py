@@ -26,7 +26,7 @@ from trn.cli import main
 from trn.data import ImageDataset, load_npz, save_npz
 from trn.restorer import Restorer
 from trn.sanitize_io import MANIFEST_NAME, read_manifest
-from workers.sanitize import SanitizeConfig, sanitize
+from trn_workers.sanitize import SanitizeConfig, sanitize
 
 pytestmark = pytest.mark.ray
 N = 96

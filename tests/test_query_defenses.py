@@ -26,9 +26,10 @@ from trn.defenses import (
     parse_defense_spec,
 )
 from trn.defenses.spec import canonical_defenses, serving_defenses
-from trn.errors import ConfigError, InputError
+from trn.errors import ConfigError, InputError, RequestError
+from trn.http_api import request_policy
 from trn.output_policy import OutputPolicy, expected_calibration_error, format_prediction, restrict
-from trn.query_budget import QueryBudget
+from trn.query_budget import QueryBudget, charge_request, client_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,6 +201,23 @@ def test_output_policy_shapes_and_restrictions() -> None:
         OutputPolicy("logits")
 
 
+def test_request_policy_asks_for_less_never_more() -> None:
+    """A request's ?output=&k=&decimals=: the app's policy when absent, less when asked; 403 for more, 422 when bad."""
+    app = OutputPolicy("rounded", decimals=2)
+    assert request_policy(app, None, None, None, 4) is app
+    assert request_policy(app, "label", None, None, 4).policy == "label"
+    top = request_policy(app, "top_k", 2, None, 4)
+    assert (top.policy, top.k, top.decimals) == ("top_k", 2, 2)  # top_k inherits the app's decimals
+    assert request_policy(app, None, None, 1, 4) == OutputPolicy("rounded", decimals=1)
+    with pytest.raises(RequestError) as e:
+        request_policy(app, "full", None, None, 4)  # `full` means every decimal: more than 2
+    assert (e.value.status, e.value.kind) == (403, "OutputNotAllowed") and "shows more" in e.value.message
+    with pytest.raises(RequestError) as e:
+        request_policy(app, "top_k", 0, None, 4)
+    assert (e.value.status, e.value.kind, e.value.message) == (422, "ValidationError",
+                                                               "output.k must be an integer >= 1, got 0")
+
+
 def test_expected_calibration_error() -> None:
     assert expected_calibration_error(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), bins=10) == \
         pytest.approx(0.15)
@@ -225,6 +243,25 @@ def test_query_budget_token_bucket() -> None:
     assert not d.allowed and math.isinf(d.retry_after_s)  # lifetime total spent
     with pytest.raises(ConfigError, match="rate"):
         QueryBudget(rate=0, burst=1)
+
+
+def test_query_budget_keys_and_429s() -> None:
+    """Requests are keyed by API key (non-empty), else client address; a refusal is a 429 with Retry-After."""
+    assert client_key({"x-api-key": "k1"}, "x-api-key", "10.0.0.1") == "key:k1"
+    assert client_key({"x-api-key": ""}, "x-api-key", "10.0.0.1") == "addr:10.0.0.1"
+    assert client_key({}, "x-api-key", None) == "addr:unknown"
+    b = QueryBudget(rate=0.01, burst=5)
+    decision, refusal = charge_request(b, "a", 5)
+    assert decision.allowed and refusal is None
+    decision, refusal = charge_request(b, "a", 3)  # 3 queries at 0.01/s: just under 300 s, rounded up
+    assert not decision.allowed and (refusal.status, refusal.kind) == (429, "QueryBudgetExceeded")
+    assert refusal.headers == {"Retry-After": "300"}
+    assert refusal.message == "query budget spent (0.01 queries/s, burst 5); retry in 300 s"
+    _, refusal = charge_request(b, "b", 6)  # more than the burst: never
+    assert refusal.headers == {"Retry-After": "86400"}
+    assert refusal.message == "this request needs 6 queries, more than the budget can ever grant at once (burst 5)"
+    _, refusal = charge_request(QueryBudget(rate=0.5, burst=5, total=3), "c", 4)
+    assert refusal.message.endswith("(burst 5, lifetime total 3)") and refusal.headers["Retry-After"] == "86400"
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark

@@ -38,8 +38,8 @@ from trn.sanitize_io import (
     png_names,
     read_manifest,
 )
-from workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
-from workers.sanitize import SanitizeConfig, run_sanitize_command, sanitize
+from trn_workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
+from trn_workers.sanitize import SanitizeConfig, run_sanitize_command, sanitize
 
 N_NPZ = 40
 
@@ -153,7 +153,7 @@ def test_cli_bad_defence_spec_is_a_clear_error_before_ray(labelled_npz: Path, tm
     def no_ray(*args, **kwargs):
         raise AssertionError("the job reached Ray with a bad defence spec")
 
-    monkeypatch.setattr("workers.sanitize.connect_ray", no_ray)
+    monkeypatch.setattr("trn_workers.sanitize.connect_ray", no_ray)
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text("- {name: trn, checkpoint: no/such/ckpt}\n")
     cases = {
@@ -208,7 +208,7 @@ def test_resources_helpers() -> None:
     assert kw["num_cpus"] == 1.0 and kw["num_gpus"] == 0.5
     size = (kw["compute"].min_size, kw["compute"].max_size) if "compute" in kw else (kw["concurrency"],) * 2
     assert size == (3, 3)
-    from workers.resources import _REMOTE_ARGS_UNTIL, ray_version
+    from trn_workers.resources import _REMOTE_ARGS_UNTIL, ray_version
 
     if ray_version() < _REMOTE_ARGS_UNTIL:  # the pool's retry settings reach Ray
         assert (kw["max_restarts"], kw["max_task_retries"]) == (2, 5)
@@ -474,7 +474,7 @@ def test_without_an_address_a_fresh_local_ray_is_started(monkeypatch: pytest.Mon
     join it without resources (Ray refuses num_cpus when connecting)."""
     import ray
 
-    from workers.resources import connect_ray
+    from trn_workers.resources import connect_ray
 
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -494,7 +494,7 @@ def test_default_checkpoint_is_found_outside_the_repository(labelled_npz: Path, 
     def stop(*args, **kwargs):
         raise SanitizeError("stopped before Ray")
 
-    monkeypatch.setattr("workers.sanitize.connect_ray", stop)
+    monkeypatch.setattr("trn_workers.sanitize.connect_ray", stop)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -31,7 +31,8 @@ from PIL import Image
 from trn.classifiers import create_classifier, save_classifier
 from trn.defenses import GCMClassifier, build_defense_stack, build_preprocessor
 from trn.defenses.spec import canonical_defenses, serving_defenses
-from trn.errors import CheckpointError, ConfigError
+from trn.errors import CheckpointError, ConfigError, InputError, RequestError, ShapeError
+from trn.http_api import body_format, classify_http, decode_images
 from trn.imageio import decode_image
 from trn.restorer import Restorer
 
@@ -39,8 +40,8 @@ httpx = pytest.importorskip("httpx")
 serve = pytest.importorskip("ray.serve")
 
 from trn.serve_config import DownstreamArgs, app_args_from_mapping, load_serve_config
-from trn.serving import build_service_defenses
-from workers.serve import DownstreamClassifier, build_app, load_downstream_model, run_serve_command
+from trn.serving import build_service_defenses, output_class_names
+from trn_workers.serve import DownstreamClassifier, build_app, load_downstream_model, run_serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -681,13 +682,13 @@ def test_shipped_config_files() -> None:
     deploy = yaml.safe_load((REPO / "configs" / "serve_deploy.yaml").read_text())
     schema = ServeDeploySchema.model_validate(deploy)
     (app,) = schema.applications
-    assert app.import_path == "workers.serve:build_app"
+    assert app.import_path == "trn_workers.serve:build_app"
     assert app_args_from_mapping(app.args).autoscaling.max_replicas == 4
     docs = list(yaml.safe_load_all((REPO / "configs" / "kuberay-rayservice.yaml").read_text()))
     svc = next(d for d in docs if d and d.get("kind") == "RayService")
     v2 = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
     for a in v2.applications:
-        assert a.import_path == "workers.serve:build_app"
+        assert a.import_path == "trn_workers.serve:build_app"
         app_args_from_mapping(a.args)
 
 
@@ -723,3 +724,94 @@ def test_downstream_loaders(ckpts, tmp_path) -> None:
     (tmp_path / "junk.pt2").write_bytes(b"not a program")
     with pytest.raises(CheckpointError, match="cannot load"):
         load_downstream_model(DownstreamArgs(kind="export", path=str(tmp_path / "junk.pt2")))
+
+
+# ---------------------------------------------------------------------------------------------------- library (no Ray)
+def test_request_bodies_by_content_type() -> None:
+    """Which Content-Type goes where (415 for the rest), and the images decoded under the app's policies."""
+    assert body_format("application/x-npy", False) == "npy"
+    assert body_format("application/x-npz", True) == "npz"
+    assert body_format("Multipart/Form-Data; boundary=xyz", True) == "multipart"
+    for ctype in ("image/png", "application/octet-stream", ""):
+        assert body_format(ctype, False) == "image"
+    with pytest.raises(RequestError) as e:
+        body_format("image/png", True)
+    assert (e.value.status, e.value.kind) == (415, "UnsupportedMediaType")
+    assert e.value.message == ("Content-Type 'image/png' is not accepted here: send multipart/form-data with one file "
+                               "part per image, or an .npz (application/x-npz)")
+    for ctype in ("application/x-npz", "text/plain; charset=utf-8"):
+        with pytest.raises(RequestError) as e:
+            body_format(ctype, False)
+        assert e.value.status == 415 and e.value.message.startswith(f"Content-Type {ctype.split(';')[0]!r} is not "
+                                                                    "accepted: send image bytes")
+    shape = (1, 28, 28)
+    args = app_args_from_mapping({"restorer": "unused", "resize": "resize", "max_batch_images": 2})
+    x = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    ((img, rf),) = decode_images([buf.getvalue()], "npy", args, shape)
+    np.testing.assert_array_equal(img, x)
+    assert rf is None
+    out = decode_images([_npz(np.stack([_image(1), _image(2)]))], "npz", args, shape)
+    assert [i.shape for i, _ in out] == [shape, shape] and out[0][1] is None
+    with pytest.raises(InputError, match="over the limit of 2"):
+        decode_images([_npz(np.stack([_image(i) for i in range(3)]))], "npz", args, shape)
+    out = decode_images([_png(_image(3)), _png(_image(4, size=32))], "multipart", args, shape)
+    assert [i.shape for i, _ in out] == [shape, shape] and [rf for _, rf in out] == [None, (32, 32)]
+    with pytest.raises(ShapeError):  # resize: reject (the default)
+        decode_images([_png(_image(4, size=32))], "image", app_args_from_mapping({"restorer": "unused"}), shape)
+
+
+def test_classify_http_maps_downstream_failures() -> None:
+    """An external classifier's answers and failures: probabilities, or 502 / 504 with the URL in the message."""
+    url = "http://downstream.test/predict"
+    img = np.zeros((1, 28, 28), dtype=np.float32)
+
+    def answer(handler) -> tuple[np.ndarray | None, object]:
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                return await classify_http(client, url, img, 2.5)
+
+        return asyncio.run(go())
+
+    def ok(request: httpx.Request) -> httpx.Response:
+        assert request.headers["content-type"] == "image/png"
+        decode_image(request.content, channels=1, size=(28, 28))  # a real PNG of the image
+        return httpx.Response(200, json={"probabilities": [0.25, 0.75], "label": "b"})
+
+    probs, label = answer(ok)
+    np.testing.assert_allclose(probs, [0.25, 0.75])
+    assert label == "b"
+
+    def raises(exc):
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise exc("boom", request=request)
+
+        return handler
+
+    for handler, status, kind, message in [
+        (raises(httpx.ConnectTimeout), 504, "DownstreamTimeout", f"downstream {url} did not answer within 2.5 s"),
+        (raises(httpx.ConnectError), 502, "DownstreamError", f"downstream {url} unreachable: boom"),
+        (lambda r: httpx.Response(503, text="x" * 300), 502, "DownstreamError",
+         f"downstream {url} answered 503: {'x' * 200}"),
+        (lambda r: httpx.Response(200, text="not json"), 502, "DownstreamError",
+         f"downstream {url} did not answer JSON"),
+        (lambda r: httpx.Response(200, json=[1]), 502, "DownstreamError",
+         f"downstream {url} answered list, not an object"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            answer(handler)
+        assert (e.value.status, e.value.kind, e.value.message) == (status, kind, message)
+
+
+def test_output_class_names() -> None:
+    """Configured names, else the guard's (kind guard, or any kind with as many classes), else indices; 500 when the
+    configured names do not fit."""
+    guard = ["a", "b", "c"]
+    assert output_class_names(3, ["x", "y", "z"], guard, "checkpoint") == ["x", "y", "z"]
+    assert output_class_names(3, None, guard, "http") == guard
+    assert output_class_names(2, None, guard, "http") == ["0", "1"]
+    with pytest.raises(RequestError) as e:
+        output_class_names(2, None, guard, "guard")
+    assert (e.value.status, e.value.kind, e.value.message) == (
+        500, "ConfigError", "downstream returned 2 classes but 3 class names are configured (downstream.class_names)")

@@ -61,7 +61,7 @@ def ray_off():
 
 
 def test_two_cpu_workers_take_the_single_process_steps(cfg: TRNTrainConfig, tmp_path: Path, ray_off) -> None:
-    from workers.train import train_distributed
+    from trn_workers.train import train_distributed
 
     single = train_trn(replace(cfg, out=str(tmp_path / "single")))
     path = train_distributed(replace(cfg, out=str(tmp_path / "ddp")), workers=2, storage=str(tmp_path / "ray_train"))
@@ -86,7 +86,7 @@ def test_two_cpu_workers_take_the_single_process_steps(cfg: TRNTrainConfig, tmp_
 
 def test_cli_flags_reach_ray_train(cfg: TRNTrainConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict = {}
-    monkeypatch.setattr("workers.train.train_distributed", lambda c, **kw: seen.update(cfg=c, **kw))
+    monkeypatch.setattr("trn_workers.train.train_distributed", lambda c, **kw: seen.update(cfg=c, **kw))
     config = tmp_path / "c.yaml"
     config.write_text(f"dataset: npz\ndata_dir: {cfg.data_dir}\nguard: {cfg.guard}\nout: {tmp_path / 'x'}\n")
     assert main(["train", "--config", str(config), "--address", "auto", "--workers", "4",
@@ -96,7 +96,7 @@ def test_cli_flags_reach_ray_train(cfg: TRNTrainConfig, tmp_path: Path, monkeypa
 
 
 def test_batch_must_split_over_the_workers(cfg: TRNTrainConfig) -> None:
-    from workers.train import train_distributed
+    from trn_workers.train import train_distributed
 
     with pytest.raises(ConfigError, match="does not split over 3 workers"):
         train_distributed(cfg, workers=3)
@@ -107,7 +107,7 @@ def test_batch_must_split_over_the_workers(cfg: TRNTrainConfig) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu_check.sh there)")
 def test_one_gpu_worker_trains_over_nccl(cfg: TRNTrainConfig, tmp_path: Path, ray_off) -> None:
-    from workers.train import train_distributed
+    from trn_workers.train import train_distributed
 
     train_distributed(replace(cfg, out=str(tmp_path / "gpu"), device="auto"), workers=1, gpus_per_worker=1,
                       storage=str(tmp_path / "ray_train"))

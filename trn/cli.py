@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(TRNTrainConfig, args.config, args.set)
     if args.workers is not None or args.address is not None:  # Ray Train (DDP); Ray is imported only here
-        from workers.train import train_distributed
+        from trn_workers.train import train_distributed
 
         train_distributed(cfg, address=args.address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker)
     else:
@@ -77,14 +77,14 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _cmd_sanitize(args: argparse.Namespace) -> int:
-    from workers.sanitize import run_sanitize_command  # Ray is imported only here, never by the library
+    from trn_workers.sanitize import run_sanitize_command  # Ray is imported only here, never by the library
 
     args.checkpoint = _shipped_or_given(args.checkpoint)
     return run_sanitize_command(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from workers.serve import run_serve_command
+    from trn_workers.serve import run_serve_command
 
     return run_serve_command(args)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "ShapeError", "TRNError"]
+from collections.abc import Mapping
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "RequestError", "ShapeError", "TRNError",
+           "one_line"]
 
 
 class TRNError(Exception):
@@ -27,3 +30,18 @@ class DataError(TRNError, OSError):
 
 class CheckpointError(TRNError, OSError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+class RequestError(Exception):
+    """A request the service refuses: :mod:`trn.http_api` turns it into a JSON error body with ``status`` (and
+    ``headers``, e.g. ``Retry-After``)."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def one_line(e: BaseException) -> str:
+    """``e`` as one line (type and message, whitespace collapsed, at most 300 characters)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__

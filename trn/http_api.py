@@ -1,20 +1,22 @@
 """The HTTP side of the TRN service, without Ray: the FastAPI app, its schema and error bodies, request parsing.
 
-:mod:`workers.serve` mounts :data:`api` on its Ray Serve deployment (``@serve.ingress(api)``) and adds the endpoints;
+:mod:`trn_workers.serve` mounts :data:`api` on its Ray Serve deployment (``@serve.ingress(api)``) and adds the endpoints;
 everything here is plain FastAPI / Starlette and can be reused or tested without Ray.
 
 * errors: :class:`RequestError` becomes ``{"error": {"status", "type", "message"}}`` with its status (and headers,
   e.g. ``Retry-After``); the project's own errors map to 400 / 422 / 500;
-* request bodies: :func:`read_body` (size limit on the declared and the actual length), :func:`multipart_files`
-  (parsed by Starlette / python-multipart: ``UploadFile``);
-* answers of an external HTTP classifier: :func:`parse_downstream_json`.
+* request bodies: :func:`read_body` (size limit on the declared and the actual length), :func:`body_format` (which
+  Content-Type goes where, 415 for the rest), :func:`multipart_files` (parsed by Starlette / python-multipart:
+  ``UploadFile``), :func:`decode_images` (the decoded images, under the app's size, channel and pixel policies);
+* the output policy a request asks for: :func:`request_policy` (422 / 403);
+* an external HTTP classifier: :func:`classify_http` (502 / 504) and :func:`parse_downstream_json`.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -25,8 +27,15 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile  # what Request.form() yields (fastapi.UploadFile subclasses it)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trn.errors import InputError, ShapeError, TRNError
-from trn.output_policy import probabilities_from_output
+from trn.errors import ConfigError, InputError, RequestError, ShapeError, TRNError
+from trn.imageio import decode_image, encode_png
+from trn.output_policy import OutputPolicy, probabilities_from_output, restrict
+from trn.serving import decode_npy, decode_npz_batch
+
+if TYPE_CHECKING:
+    import httpx
+
+    from trn.serve_config import AppArgs
 
 __all__ = [
     "NPY_TYPES",
@@ -37,27 +46,24 @@ __all__ = [
     "HealthResponse",
     "RequestError",
     "api",
+    "body_format",
+    "classify_http",
+    "decode_images",
     "error_response",
     "first_tensor",
     "header_size",
     "multipart_files",
     "parse_downstream_json",
     "read_body",
+    "request_policy",
 ]
 
 NPY_TYPES = ("application/x-npy", "application/npy")
 NPZ_TYPES = ("application/x-npz", "application/npz", "application/zip")
+BodyFormat = Literal["npy", "npz", "multipart", "image"]
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-class RequestError(Exception):
-    """A request the service refuses: becomes a JSON error body with ``status``."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers
-
-
 def error_response(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "type": kind, "message": message}}, status, headers=headers)
 
@@ -206,6 +212,84 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def body_format(content_type: str, batch: bool) -> BodyFormat:
+    """How to read a body sent with the ``Content-Type`` header ``content_type`` (parameters ignored): ``npy`` (one
+    tensor), ``npz`` (batch endpoints only), ``multipart`` or ``image`` (raw image bytes; also without a type).
+
+    Raises:
+        RequestError: 415 for any other type (the batch endpoints take only multipart and .npz).
+    """
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in NPY_TYPES and not batch:
+        return "npy"
+    if ctype in NPZ_TYPES and batch:
+        return "npz"
+    if ctype == "multipart/form-data":
+        return "multipart"
+    if batch:
+        raise RequestError(415, "UnsupportedMediaType",
+                           f"Content-Type {ctype!r} is not accepted here: send multipart/form-data with one file "
+                           "part per image, or an .npz (application/x-npz)")
+    if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        raise RequestError(415, "UnsupportedMediaType",
+                           f"Content-Type {ctype!r} is not accepted: send image bytes (image/* or "
+                           "application/octet-stream), multipart/form-data with a 'file' field, or "
+                           "application/x-npy")
+    return "image"
+
+
+def decode_images(parts: Sequence[bytes], fmt: BodyFormat, settings: AppArgs, image_shape: Sequence[int]
+                  ) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+    """The (C, H, W) float32 images of a request body, each with the (H, W) it was resized from (or None).
+
+    Args:
+        parts: the body (``npy``, ``npz``, ``image``), or its file parts (``multipart``: :func:`multipart_files`).
+        fmt: what :func:`body_format` said of the body.
+        settings: the app's ``resize``, ``channel_policy``, ``max_pixels`` and ``max_batch_images`` (.npz) apply.
+        image_shape: (C, H, W) the restorer takes; tensors must have it, images are checked or resized to it.
+
+    Raises:
+        InputError / ShapeError: undecodable, too many pixels or images, or the wrong shape (400 / 422).
+    """
+    channels, size = int(image_shape[0]), (int(image_shape[1]), int(image_shape[2]))
+    if fmt == "npy":
+        return [(decode_npy(parts[0], channels, size), None)]
+    if fmt == "npz":
+        return [(img, None) for img in decode_npz_batch(parts[0], channels, size, settings.max_batch_images)]
+    out = []
+    for data in parts:
+        resized_from = header_size(data) if settings.resize == "resize" else None
+        image = decode_image(data, channels=channels, size=size, resize=settings.resize,
+                             channel_policy=settings.channel_policy, max_pixels=settings.max_pixels)
+        out.append((image, None if resized_from == size else resized_from))
+    return out
+
+
+def request_policy(app: OutputPolicy, output: str | None, k: int | None, decimals: int | None,
+                   num_classes: int) -> OutputPolicy:
+    """The output policy of a request (query ``output``, ``k``, ``decimals``): the app's ``app``, or less when the
+    request asks (:func:`~trn.output_policy.restrict`).
+
+    ``top_k`` (and ``rounded`` on a rounded app) inherit the app's decimals; ``full`` always means every decimal.
+
+    Raises:
+        RequestError: 422 (``ValidationError``) for a malformed policy, 403 (``OutputNotAllowed``) for one that shows
+            more than ``app``.
+    """
+    if output is None and k is None and decimals is None:
+        return app
+    name = output or app.policy
+    try:
+        inherit = name == "top_k" or (name == "rounded" and app.policy == "rounded")
+        wanted = OutputPolicy(name, k=k if k is not None else app.k,
+                              decimals=decimals if decimals is not None else (app.precision if inherit else None))
+        return restrict(app, wanted, num_classes)
+    except ConfigError as e:
+        raise RequestError(422, "ValidationError", str(e)) from None
+    except InputError as e:
+        raise RequestError(403, "OutputNotAllowed", str(e)) from None
+
+
 async def multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
     """The file parts of a multipart/form-data body, in order, parsed by Starlette (python-multipart).
 
@@ -237,6 +321,33 @@ async def multipart_files(request: Request, body: bytes, max_files: int) -> list
     finally:
         await form.close()
 
+
+# ---------------------------------------------------------------------------------------------------- HTTP classifier
+async def classify_http(client: httpx.AsyncClient, url: str, image: np.ndarray, timeout_s: float
+                        ) -> tuple[np.ndarray | None, Any]:
+    """POST ``image`` ((C, H, W) in [0, 1]) as a PNG to the classifier at ``url``; (probabilities or None, label).
+
+    ``timeout_s``: the client's timeout, named in the 504 message.
+
+    Raises:
+        RequestError: 504 (``DownstreamTimeout``) past the timeout; 502 (``DownstreamError``) when unreachable, on an
+            HTTP error status, or for an answer that is not JSON or not one :func:`parse_downstream_json` accepts.
+    """
+    import httpx
+
+    try:
+        r = await client.post(url, content=encode_png(image), headers={"Content-Type": "image/png"})
+    except httpx.TimeoutException:
+        raise RequestError(504, "DownstreamTimeout", f"downstream {url} did not answer within {timeout_s} s") from None
+    except httpx.HTTPError as e:
+        raise RequestError(502, "DownstreamError", f"downstream {url} unreachable: {e}") from None
+    if r.status_code >= 400:
+        raise RequestError(502, "DownstreamError", f"downstream {url} answered {r.status_code}: {r.text[:200]}")
+    try:
+        data = r.json()
+    except ValueError:
+        raise RequestError(502, "DownstreamError", f"downstream {url} did not answer JSON") from None
+    return parse_downstream_json(data, url)
 
 
 def parse_downstream_json(data: Any, url: str) -> tuple[np.ndarray | None, Any]:

@@ -8,6 +8,9 @@ key over the life of the budget (a query-attack budget; refills never lift it).
     >>> b = QueryBudget(rate=1.0, burst=2)
     >>> b.charge("alice", 2, now=0.0).allowed, b.charge("alice", 1, now=0.0).retry_after_s
     (True, 1.0)
+
+For a service, :func:`client_key` names the client of a request and :func:`charge_request` charges it, with the
+HTTP refusal (429, ``Retry-After``) to raise when the budget says no.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from trn.errors import ConfigError
+from trn.errors import ConfigError, RequestError
 
-__all__ = ["BudgetDecision", "QueryBudget"]
+__all__ = ["BudgetDecision", "QueryBudget", "charge_request", "client_key"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,30 @@ class QueryBudget:
                 b[2] += n
                 return BudgetDecision(True, int(b[0] + 1e-9))
             return BudgetDecision(False, int(b[0] + 1e-9), (n - b[0]) / self.rate)
+
+
+def client_key(headers: Mapping[str, str], key_header: str, client_host: str | None) -> str:
+    """The budget key of a request: ``key:<value>`` of its ``key_header`` header (an API key) when present and not
+    empty, else ``addr:<client_host>`` (``addr:unknown`` when the client's address is not known, None)."""
+    key = headers.get(key_header)
+    return f"key:{key}" if key else f"addr:{client_host if client_host is not None else 'unknown'}"
+
+
+def charge_request(budget: QueryBudget, key: str, n: int) -> tuple[BudgetDecision, RequestError | None]:
+    """Charge a request of ``n`` queries (images) to ``key``; (the decision, the error to answer with or None).
+
+    The error is a 429 ``QueryBudgetExceeded`` with a ``Retry-After`` header: the seconds until the bucket could pay
+    (at least 1), or 86400 for a request that can never be paid (over ``burst`` or the lifetime ``total``). The
+    decision is returned either way so that the caller can count it before raising.
+    """
+    decision = budget.charge(key, n)
+    if decision.allowed:
+        return decision, None
+    if math.isinf(decision.retry_after_s):
+        msg = (f"this request needs {n} queries, more than the budget can ever grant at once "
+               f"(burst {budget.burst}" + (f", lifetime total {budget.total})" if budget.total else ")"))
+        return decision, RequestError(429, "QueryBudgetExceeded", msg, {"Retry-After": "86400"})
+    wait = max(1, math.ceil(decision.retry_after_s))
+    return decision, RequestError(429, "QueryBudgetExceeded",
+                                  f"query budget spent ({budget.rate:g} queries/s, burst {budget.burst}); "
+                                  f"retry in {wait} s", {"Retry-After": str(wait)})

@@ -1,5 +1,5 @@
 """The parts of ``trn sanitize`` that are not Ray: finding inputs, manifest rows, per-batch restoring and writing,
-assembling the final files, and the job's report. :mod:`workers.sanitize` schedules these on Ray Data.
+assembling the final files, and the job's report. :mod:`trn_workers.sanitize` schedules these on Ray Data.
 
 Inputs (:func:`detect_input`, :func:`plan_job`):
 
@@ -93,7 +93,7 @@ class SanitizeError(TRNError, RuntimeError):
 # --------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class SanitizeConfig:
-    """One sanitisation job (run by :func:`workers.sanitize.sanitize` on Ray Data).
+    """One sanitisation job (run by :func:`trn_workers.sanitize.sanitize` on Ray Data).
 
     Attributes:
         input: image folder, ``.parquet`` file or folder of them, or ``.npz`` file.

@@ -4,7 +4,7 @@ Two layers, so that one set of application settings works under every launcher:
 
 * :class:`AppArgs`: everything the application itself needs (checkpoint, batching, replicas, input limits, the
   downstream classifier, the defence stack, the output policy, the query budget). It is what
-  ``workers.serve:build_app`` (the Ray layer) takes, what ``args:`` holds in a Ray Serve config
+  ``trn_workers.serve:build_app`` (the Ray layer) takes, what ``args:`` holds in a Ray Serve config
   file (``configs/serve_deploy.yaml``, KubeRay ``serveConfigV2``), and the ``app:`` section of ``configs/serve.yaml``.
 * :class:`ServeConfig`: ``app`` plus where ``trn serve`` listens and which Ray cluster it uses. Under ``serve run``
   / ``serve deploy`` these belong to the Serve config file's ``http_options`` instead.
@@ -175,7 +175,7 @@ class QueryBudgetArgs(_Args):
 
 
 class AppArgs(_Args):
-    """Arguments of ``workers.serve:build_app`` (the ``args:`` of a Serve config file).
+    """Arguments of ``trn_workers.serve:build_app`` (the ``args:`` of a Serve config file).
 
     Validated from a mapping as Serve hands it over: typed YAML from a config file, or ``key=value`` strings from
     ``serve run`` (see :func:`app_args_from_mapping`; dotted keys reach sections, ``config=`` starts from a file).
@@ -339,7 +339,7 @@ def load_serve_config(path: str | os.PathLike | None = None, overrides: list[str
 def app_args_from_mapping(args: Mapping[str, Any] | None) -> AppArgs:
     """Build :class:`AppArgs` from the ``args`` Ray Serve hands an application builder.
 
-    From a Serve config file the values are typed YAML; from ``serve run workers.serve:build_app key=value`` they
+    From a Serve config file the values are typed YAML; from ``serve run trn_workers.serve:build_app key=value`` they
     are strings, read as YAML like ``trn --set`` (so ``max_batch_size=8`` is an int). Dotted keys reach sections
     (``downstream.kind=http``). The key ``config`` names a ``configs/serve.yaml``-style file whose ``app:`` section
     is the starting point.

@@ -7,7 +7,9 @@ The Ray Serve layer (``workers/serve.py``) only schedules: it calls these functi
 * :func:`load_downstream_model`: a downstream classifier by kind (our checkpoint, TorchScript, ``torch.export``);
 * :func:`build_service_defenses` / :func:`wrap_classifier`: the defence stack split as the service runs it (input
   side in the restorer replica, classifier wrappers around the downstream model);
-* :func:`read_checkpoint_meta`: a checkpoint's JSON side, for build-time checks.
+* :func:`read_checkpoint_meta`: a checkpoint's JSON side, for build-time checks; :func:`service_info` and
+  :func:`check_service_defenses`: the checks an app builder runs before anything starts;
+* :func:`output_class_names`: the class names an answer of ``n`` probabilities is labelled with.
 
 Probabilities from a model's output and the answer's format are in :mod:`trn.output_policy`.
 """
@@ -18,8 +20,9 @@ import io
 import json
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +30,13 @@ import torch
 from trn.checkpoint import checkpoint_paths
 from trn.defenses.spec import canonical_defenses, split_defenses, uses_default_restorer
 from trn.defenses.stack import build_defense_stack, build_preprocessor
-from trn.errors import CheckpointError, ConfigError, InputError, ShapeError
+from trn.errors import CheckpointError, ConfigError, InputError, RequestError, ShapeError
 
-__all__ = ["build_service_defenses", "decode_npy", "decode_npz_batch", "load_downstream_model", "read_checkpoint_meta",
-           "wrap_classifier"]
+if TYPE_CHECKING:
+    from trn.serve_config import AppArgs
+
+__all__ = ["build_service_defenses", "check_service_defenses", "decode_npy", "decode_npz_batch",
+           "load_downstream_model", "output_class_names", "read_checkpoint_meta", "service_info", "wrap_classifier"]
 
 
 def _to_unit_float(a: np.ndarray) -> np.ndarray:
@@ -221,3 +227,83 @@ def build_service_defenses(spec: list[dict[str, Any]], restorer: torch.nn.Module
         return build_preprocessor(split_defenses(spec)[0], restorer=default, device=device), restorer.guard
     except ConfigError as e:
         raise ConfigError(f"defenses: {e}") from e
+
+
+def check_service_defenses(args: AppArgs, meta: dict) -> None:
+    """Build ``args.defenses`` once on the CPU, as the replicas will, so that every value is checked before anything
+    starts: parameter values, ``trn`` checkpoints (which must restore the restorer's image size, ``meta``'s
+    ``image_shape``) and, with a deployed downstream, whether the wrappers fit its model (UniG needs
+    ``forward_features`` / ``forward_head``).
+
+    Raises:
+        ConfigError / CheckpointError: what the replicas would otherwise fail with at start-up.
+    """
+    from trn.restorer import Restorer
+
+    spec = args.defenses or []
+    shape = meta.get("image_shape")
+    for i, entry in enumerate(spec):
+        if entry["name"] == "trn" and entry.get("checkpoint"):
+            other = read_checkpoint_meta(entry["checkpoint"], "restorer").get("image_shape")
+            if other != shape:
+                raise ConfigError(f"defenses: defence #{i} (trn) restores {other} images but the service decodes "
+                                  f"images for `restorer`, {shape}")
+    build_service_defenses(spec, Restorer.load(args.restorer), args.downstream.kind, "cpu")
+    ds = args.downstream
+    if split_defenses(spec)[1] and ds.deployed:
+        wrap_classifier(load_downstream_model(ds.kind, ds.path, "cpu")[0], spec, f"the {ds.kind} downstream {ds.path}")
+
+
+def service_info(args: AppArgs) -> dict[str, Any]:
+    """What the service's replicas are told, from the checkpoints' metadata, with every build-time check done first.
+
+    Returns:
+        ``image_shape`` (the restorer's) and ``downstream_class_names`` (``downstream.class_names``, else a
+        ``checkpoint`` downstream's own names, else the restorer's when their count fits; None: not known).
+
+    Raises:
+        ConfigError: class names that do not fit the classifier, or a defence stack that cannot be built
+            (:func:`check_service_defenses`).
+        CheckpointError: a checkpoint whose metadata is unreadable or of the wrong kind.
+    """
+    meta = read_checkpoint_meta(args.restorer, "restorer")
+    ds = args.downstream
+    info: dict[str, Any] = {"image_shape": meta.get("image_shape"), "downstream_class_names": ds.class_names}
+    restorer_names = meta.get("class_names") or []
+    if ds.kind == "checkpoint":
+        dmeta = read_checkpoint_meta(ds.path, "classifier")
+        n = dmeta.get("arch_kwargs", {}).get("num_classes")
+        names = ds.class_names or dmeta.get("class_names")
+        if names is None and n is not None and len(restorer_names) == n:
+            names = restorer_names
+        if names is not None and n is not None and len(names) != n:
+            raise ConfigError(f"downstream.class_names has {len(names)} names but {ds.path} has {n} classes")
+        info["downstream_class_names"] = names
+    elif ds.kind == "guard" and ds.class_names and len(ds.class_names) != len(restorer_names):
+        raise ConfigError(f"downstream.class_names has {len(ds.class_names)} names but the guard has "
+                          f"{len(restorer_names)} classes")
+    if ds.kind == "guard" and ds.class_names:
+        info["downstream_class_names"] = ds.class_names
+    if args.defenses is not None:
+        check_service_defenses(args, meta)
+    return info
+
+
+def output_class_names(n: int, configured: Sequence[str] | None, restorer_names: Sequence[str], kind: str
+                       ) -> list[str]:
+    """Names of the ``n`` classes a downstream of ``kind`` answered: ``configured`` (:func:`service_info`'s
+    ``downstream_class_names``), else the guard's ``restorer_names`` (kind ``guard``, or any kind when there are
+    ``n`` of them), else ``"0"`` .. ``"n-1"``.
+
+    Raises:
+        RequestError: 500 (``ConfigError``) when the names found are not ``n``.
+    """
+    names = configured or (restorer_names if kind == "guard" else None)
+    if names is None and len(restorer_names) == n:
+        names = restorer_names
+    if names is None:
+        return [str(i) for i in range(n)]
+    if len(names) != n:
+        raise RequestError(500, "ConfigError", f"downstream returned {n} classes but {len(names)} class names "
+                                               "are configured (downstream.class_names)")
+    return list(names)

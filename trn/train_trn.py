@@ -307,7 +307,7 @@ def save_restorer(run: TrainingRun, history: list[dict], seconds: float, out: st
 def train_trn(cfg: TRNTrainConfig) -> Restorer:
     """Train per ``cfg`` in this process; save ``cfg.out`` as a restorer checkpoint (safetensors + JSON).
 
-    ``trn train --workers N`` runs the same :func:`run_epochs` on N Ray Train workers (:mod:`workers.train`).
+    ``trn train --workers N`` runs the same :func:`run_epochs` on N Ray Train workers (:mod:`trn_workers.train`).
     """
     run = build_training(cfg)
     start_epoch, history = _load_train_state(cfg, run.restorer, run.opt)  # history: earlier epochs' validation

@@ -5,7 +5,7 @@ The way an actor pool is sized moved between Ray versions: Ray 2.9-2.50 take ``c
 go in as Ray remote arguments (``**ray_remote_args``), which Ray 2.60 deprecates for removal in 2.64 without a named
 replacement for ``max_restarts`` / ``max_task_retries``; from 2.64 on they are left to Ray Data's defaults (restart
 and retry without limit) and a warning says so. Everything that decides where and how often an actor runs is
-assembled here, so that :mod:`workers.sanitize` and the benchmarks pass one dict and never name a version-specific
+assembled here, so that :mod:`trn_workers.sanitize` and the benchmarks pass one dict and never name a version-specific
 keyword.
 
     >>> pool = ActorPool(workers=2, num_gpus=gpus_per_actor(None, 2, cluster_gpus()))
@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from trn.errors import ConfigError, TRNError
+from trn.errors import ConfigError, TRNError, one_line
 
 __all__ = [
     "ActorPool",
@@ -30,7 +30,6 @@ __all__ = [
     "gpus_per_actor",
     "local_num_cpus",
     "map_batches_resource_kwargs",
-    "one_line",
     "ray_version",
 ]
 
@@ -149,12 +148,6 @@ def local_num_cpus(workers: int, cpus_per_worker: float = 1.0) -> int:
     behind the actor pool when the pool is as large as the machine.
     """
     return max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker) + 1)
-
-
-def one_line(e: BaseException) -> str:
-    """``e`` as one line (type and message, whitespace collapsed, at most 300 characters)."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def connect_ray(address: str | None, num_cpus: int) -> bool:

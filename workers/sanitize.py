@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from trn.defenses.spec import default_defenses, describe_defenses, map_trn_checkpoints
-from trn.errors import ShapeError
+from trn.errors import ShapeError, one_line
 from trn.restorer import Restorer
 from trn.sanitize_io import (
     MANIFEST_NAME,
@@ -71,14 +71,13 @@ from trn.sanitize_io import (
     write_manifest,
 )
 from trn.weights import resolve_checkpoint
-from workers.resources import (
+from trn_workers.resources import (
     ActorPool,
     cluster_gpus,
     connect_ray,
     gpus_per_actor,
     local_num_cpus,
     map_batches_resource_kwargs,
-    one_line,
 )
 
 __all__ = [

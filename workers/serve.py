@@ -21,17 +21,17 @@ Endpoints: ``POST /v1/restore`` (cleaned PNG, or ``?format=npy|json`` for the fl
 ``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``. An optional per-client query budget answers 429 with
 ``Retry-After`` (:mod:`trn.query_budget`); its counters are Ray metrics.
 
-Launch it with ``trn serve --config configs/serve.yaml``, ``serve run workers.serve:build_app restorer=...`` or
+Launch it with ``trn serve --config configs/serve.yaml``, ``serve run trn_workers.serve:build_app restorer=...`` or
 ``serve deploy configs/serve_deploy.yaml`` (see docs/deploy.md). Only the Ray part lives here (deployments,
-``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema
-and parsing (:mod:`trn.http_api`), decoding, model loading and the defence split (:mod:`trn.serving`) are library
-code that never imports Ray.
+``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema,
+parsing, output policy of a request and external classifier (:mod:`trn.http_api`), the budget's keys and 429s
+(:mod:`trn.query_budget`), decoding, model loading, build-time checks and the defence split (:mod:`trn.serving`) are
+library code that never imports Ray.
 """
 
 import asyncio
 import io
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,37 +45,30 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from trn.defenses.spec import default_defenses, describe_defenses, split_defenses
-from trn.errors import ConfigError, InputError
+from trn.defenses.spec import default_defenses, describe_defenses
+from trn.errors import ConfigError, RequestError
 from trn.http_api import (
     _BATCH_BODY,
     _ERRORS,
     _REQUEST_BODY,
-    NPY_TYPES,
-    NPZ_TYPES,
     BatchClassifyResponse,
     ClassifyResponse,
     ErrorResponse,
     HealthResponse,
-    RequestError,
     api,
+    body_format,
+    classify_http,
+    decode_images,
     first_tensor,
-    header_size,
     multipart_files,
-    parse_downstream_json,
     read_body,
+    request_policy,
 )
-from trn.imageio import decode_image, encode_png
-from trn.output_policy import OutputPolicy, format_prediction, probabilities_from_output, restrict
-from trn.query_budget import QueryBudget
+from trn.imageio import encode_png
+from trn.output_policy import OutputPolicy, format_prediction, probabilities_from_output
+from trn.query_budget import QueryBudget, charge_request, client_key
 from trn.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
-from trn.serving import (
-    build_service_defenses,
-    decode_npy,
-    decode_npz_batch,
-    read_checkpoint_meta,
-    wrap_classifier,
-)
+from trn.serving import build_service_defenses, output_class_names, service_info, wrap_classifier
 from trn.serving import load_downstream_model as _load_model
 
 __all__ = ["DownstreamClassifier", "TRNService", "api", "build_app", "load_downstream_model", "run_serve_command"]
@@ -241,23 +234,16 @@ class TRNService:
 
     # -------------------------------------------------------------- request handling
     def _charge(self, request: Request, n: int) -> None:
-        """Charge ``n`` queries to the caller's budget (API key header, else client address); 429 when spent."""
+        """Charge ``n`` queries to the caller's budget (:func:`trn.query_budget.charge_request`), counted as a Ray
+        metric; 429 when spent."""
         if self.budget is None:
             return
-        qb = self.args.query_budget
-        key = request.headers.get(qb.key_header)
-        key = f"key:{key}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
-        decision = self.budget.charge(key, n)
+        host = request.client.host if request.client else None
+        key = client_key(request.headers, self.args.query_budget.key_header, host)
+        decision, refusal = charge_request(self.budget, key, n)
         self._count("trn_queries_total", n, "charged" if decision.allowed else "refused")
-        if not decision.allowed:
-            if math.isinf(decision.retry_after_s):
-                msg = (f"this request needs {n} queries, more than the budget can ever grant at once "
-                       f"(burst {qb.burst}" + (f", lifetime total {qb.total})" if qb.total else ")"))
-                raise RequestError(429, "QueryBudgetExceeded", msg, {"Retry-After": "86400"})
-            wait = max(1, math.ceil(decision.retry_after_s))
-            raise RequestError(429, "QueryBudgetExceeded",
-                               f"query budget spent ({qb.rate:g} queries/s, burst {qb.burst}); retry in {wait} s",
-                               {"Retry-After": str(wait)})
+        if refusal is not None:
+            raise refusal
 
     def _count(self, name: str, n: int, outcome: str) -> None:
         counter = self._metrics.get(name)
@@ -267,57 +253,16 @@ class TRNService:
             except Exception:
                 log.debug("metrics update failed", exc_info=True)
 
-    def _decode_file(self, body: bytes) -> tuple[np.ndarray, tuple[int, int] | None]:
-        size = (self.height, self.width)
-        resized_from = header_size(body) if self.args.resize == "resize" else None
-        image = decode_image(body, channels=self.channels, size=size, resize=self.args.resize,
-                             channel_policy=self.args.channel_policy, max_pixels=self.args.max_pixels)
-        return image, (None if resized_from == size else resized_from)
-
     async def _images_from_request(self, request: Request, batch: bool
                                    ) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
         """Decoded (C, H, W) images of a request (one, or up to max_batch_images for the batch endpoints), each with
-        the (H, W) it was resized from (or None)."""
+        the (H, W) it was resized from (or None): :func:`trn.http_api.decode_images`, off the event loop."""
         body = await read_body(request, self.args.max_body_bytes)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        size = (self.height, self.width)
+        fmt = body_format(request.headers.get("content-type", ""), batch)
         limit = self.args.max_batch_images if batch else 1
-        if ctype in NPY_TYPES and not batch:
-            return [(decode_npy(body, self.channels, size), None)]
-        if ctype in NPZ_TYPES and batch:
-            a = await asyncio.to_thread(decode_npz_batch, body, self.channels, size, limit)
-            return [(img, None) for img in a]
-        if ctype == "multipart/form-data":
-            files = await multipart_files(request, body, limit)
-        elif batch:
-            raise RequestError(415, "UnsupportedMediaType",
-                               f"Content-Type {ctype!r} is not accepted here: send multipart/form-data with one file "
-                               "part per image, or an .npz (application/x-npz)")
-        elif ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise RequestError(415, "UnsupportedMediaType",
-                               f"Content-Type {ctype!r} is not accepted: send image bytes (image/* or "
-                               "application/octet-stream), multipart/form-data with a 'file' field, or "
-                               "application/x-npy")
-        else:
-            files = [body]
-        return await asyncio.to_thread(lambda: [self._decode_file(f) for f in files])
-
-    def _policy(self, output: str | None, k: int | None, decimals: int | None) -> OutputPolicy:
-        """The request's output policy: the app's, or less when the request asks (403 when it asks for more)."""
-        app = self.args.output
-        if output is None and k is None and decimals is None:
-            return app
-        name = output or app.policy
-        try:
-            # top_k (and rounded on a rounded app) inherit the app's decimals; `full` always means every decimal
-            inherit = name == "top_k" or (name == "rounded" and app.policy == "rounded")
-            wanted = OutputPolicy(name, k=k if k is not None else app.k,
-                                  decimals=decimals if decimals is not None else (app.precision if inherit else None))
-            return restrict(app, wanted, len(self.class_names))
-        except ConfigError as e:
-            raise RequestError(422, "ValidationError", str(e)) from None
-        except InputError as e:
-            raise RequestError(403, "OutputNotAllowed", str(e)) from None
+        parts = await multipart_files(request, body, limit) if fmt == "multipart" else [body]
+        shape = (self.channels, self.height, self.width)
+        return await asyncio.to_thread(decode_images, parts, fmt, self.args, shape)
 
     @api.get("/healthz", response_model=HealthResponse, summary="Liveness and settings of this replica")
     async def healthz(self) -> HealthResponse:
@@ -381,7 +326,8 @@ class TRNService:
         kind = self.args.downstream.kind
         restored, probs, batch = await self._restore_batch(image, kind == "guard")
         if kind == "http":
-            probs, label = await self._classify_http(restored)
+            ds = self.args.downstream
+            probs, label = await classify_http(self._http, ds.url, restored, ds.timeout_s)
         elif kind != "guard":
             probs, label = np.asarray(await self.downstream.classify.remote(restored)), None
         else:
@@ -389,7 +335,8 @@ class TRNService:
         if probs is None:  # an HTTP endpoint that answered only a label
             body = {"label": str(label), "index": -1, "probabilities": None, "output": "label"}
         else:
-            body = format_prediction(probs, self._names(len(probs)), policy)
+            names = output_class_names(len(probs), self.info.get("downstream_class_names"), self.class_names, kind)
+            body = format_prediction(probs, names, policy)
         body |= {"classifier": kind, "resized_from": list(resized_from) if resized_from else None}
         return body, batch
 
@@ -415,7 +362,7 @@ class TRNService:
         decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
     ) -> JSONResponse:
         self._check_classifier()
-        policy = self._policy(output, k, decimals)
+        policy = request_policy(self.args.output, output, k, decimals, len(self.class_names))
         ((image, resized_from),) = await self._images_from_request(request, batch=False)
         self._charge(request, 1)
         body, batch = await self._classify_one(image, resized_from, policy)
@@ -437,72 +384,17 @@ class TRNService:
         decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
     ) -> JSONResponse:
         self._check_classifier()
-        policy = self._policy(output, k, decimals)
+        policy = request_policy(self.args.output, output, k, decimals, len(self.class_names))
         items = await self._images_from_request(request, batch=True)
         self._charge(request, len(items))
         outs = await asyncio.gather(*(self._classify_one(img, rf, policy) for img, rf in items))
         return JSONResponse({"results": [b for b, _ in outs]},
                             headers={"X-TRN-Batch-Size": str(max(n for _, n in outs))})
 
-    def _names(self, n: int) -> list[str]:
-        names = self.info.get("downstream_class_names") or (self.class_names if self.args.downstream.kind == "guard"
-                                                             else None)
-        if names is None and len(self.class_names) == n:
-            names = self.class_names
-        if names is None:
-            return [str(i) for i in range(n)]
-        if len(names) != n:
-            raise RequestError(500, "ConfigError", f"downstream returned {n} classes but {len(names)} class names "
-                                                   "are configured (downstream.class_names)")
-        return list(names)
-
-    async def _classify_http(self, restored: np.ndarray) -> tuple[np.ndarray | None, Any]:
-        import httpx
-
-        url = self.args.downstream.url
-        try:
-            r = await self._http.post(url, content=encode_png(restored), headers={"Content-Type": "image/png"})
-        except httpx.TimeoutException:
-            raise RequestError(504, "DownstreamTimeout", f"downstream {url} did not answer within "
-                                                         f"{self.args.downstream.timeout_s} s") from None
-        except httpx.HTTPError as e:
-            raise RequestError(502, "DownstreamError", f"downstream {url} unreachable: {e}") from None
-        if r.status_code >= 400:
-            raise RequestError(502, "DownstreamError", f"downstream {url} answered {r.status_code}: {r.text[:200]}")
-        try:
-            data = r.json()
-        except ValueError:
-            raise RequestError(502, "DownstreamError", f"downstream {url} did not answer JSON") from None
-        return parse_downstream_json(data, url)
-
 
 # ---------------------------------------------------------------------------------------------------- builder
-def _check_defenses(args: AppArgs, meta: dict) -> None:
-    """Build ``args.defenses`` once on the CPU, as the replicas will, so that every value is checked before anything
-    starts: parameter values, ``trn`` checkpoints (which must restore the restorer's image size) and, with a deployed
-    downstream, whether the wrappers fit its model (UniG needs ``forward_features`` / ``forward_head``).
-
-    Raises:
-        ConfigError / CheckpointError: what the replicas would otherwise fail with at start-up.
-    """
-    from trn.restorer import Restorer
-
-    spec = args.defenses or []
-    shape = meta.get("image_shape")
-    for i, entry in enumerate(spec):
-        if entry["name"] == "trn" and entry.get("checkpoint"):
-            other = read_checkpoint_meta(entry["checkpoint"], "restorer").get("image_shape")
-            if other != shape:
-                raise ConfigError(f"defenses: defence #{i} (trn) restores {other} images but the service decodes "
-                                  f"images for `restorer`, {shape}")
-    build_service_defenses(spec, Restorer.load(args.restorer), args.downstream.kind, "cpu")
-    ds = args.downstream
-    if split_defenses(spec)[1] and ds.deployed:
-        wrap_classifier(load_downstream_model(ds, "cpu")[0], spec, f"the {ds.kind} downstream {ds.path}")
-
-
 def build_app(args: AppArgs) -> Application:
-    """The TRN Serve application (``serve run workers.serve:build_app`` / ``import_path`` of a Serve config file).
+    """The TRN Serve application (``serve run trn_workers.serve:build_app`` / ``import_path`` of a Serve config file).
 
     Ray's typed application-builder pattern: Serve validates its ``args`` (config file ``args:``, or ``key=value``
     strings from ``serve run``; dotted keys reach sections, ``config=configs/serve.yaml`` starts from that file's
@@ -518,26 +410,8 @@ def build_app(args: AppArgs) -> Application:
     """
     app_args = args if isinstance(args, AppArgs) else app_args_from_mapping(args)
     app_args = app_args.with_resolved_paths()
-    meta = read_checkpoint_meta(app_args.restorer, "restorer")
+    info = service_info(app_args)  # every checkpoint, class-name and defence-stack check, before anything starts
     ds = app_args.downstream
-    info: dict[str, Any] = {"image_shape": meta.get("image_shape"), "downstream_class_names": ds.class_names}
-    restorer_names = meta.get("class_names") or []
-    if ds.kind == "checkpoint":
-        dmeta = read_checkpoint_meta(ds.path, "classifier")
-        n = dmeta.get("arch_kwargs", {}).get("num_classes")
-        names = ds.class_names or dmeta.get("class_names")
-        if names is None and n is not None and len(restorer_names) == n:
-            names = restorer_names
-        if names is not None and n is not None and len(names) != n:
-            raise ConfigError(f"downstream.class_names has {len(names)} names but {ds.path} has {n} classes")
-        info["downstream_class_names"] = names
-    elif ds.kind == "guard" and ds.class_names and len(ds.class_names) != len(restorer_names):
-        raise ConfigError(f"downstream.class_names has {len(ds.class_names)} names but the guard has "
-                          f"{len(restorer_names)} classes")
-    if ds.kind == "guard" and ds.class_names:
-        info["downstream_class_names"] = ds.class_names
-    if app_args.defenses is not None:
-        _check_defenses(app_args, meta)
 
     gpus = _cluster_has_gpus() if (app_args.num_gpus is None or (ds.deployed and ds.num_gpus is None)) else False
     share = 0.5 if ds.deployed else 1.0  # one GPU holds a restorer + downstream pair by default

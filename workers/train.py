@@ -28,7 +28,7 @@ from trn.checkpoint import checkpoint_paths
 from trn.config import from_dict, to_dict
 from trn.errors import ConfigError
 from trn.train_trn import TRNTrainConfig
-from workers.resources import RayStartError, connect_ray
+from trn_workers.resources import RayStartError, connect_ray
 
 __all__ = ["train_distributed", "train_loop_per_worker"]
 log = logging.getLogger(__name__)

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.api import RunTarget
 
     from trn.data import load_dataset
-    from workers.serve import build_app
+    from trn_workers.serve import build_app
 
     tmp = tempfile.TemporaryDirectory()
     restorer = args.checkpoint
@@ -333,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for attempt in range(3):  # on a saturated machine the raylet can miss Ray's fixed start-up deadline
         try:
-            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+            # one app per defence at 0.5 logical CPU each, plus Serve's proxy: fewer CPUs would leave an app
+            # unscheduled and the run waiting forever (a 2-CPU Ray cannot place five apps)
+            cpus = max(args.cpus, math.ceil(0.5 * len(defences)) + 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
             break
         except Exception as e:

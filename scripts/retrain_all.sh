@@ -28,7 +28,10 @@ for m in mlp cnn bncnn resnet vit; do
   .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
 done
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic.yaml
-# issue 11: the adversarially trained restorer (from checkpoints/trn_fmnist, frozen guard; ~60 min on one idle core)
-# and the TRADES baseline guard (4 epochs, best epoch on validation)
+# issue 11: the adversarially trained restorer, two stages from the one-stream gray-box net in front of the frozen
+# guard (~25 + ~32 min on one idle core); the two-stream ablation (~60 min); the TRADES baseline guard (4 epochs,
+# best epoch on validation)
+.venv/bin/trn train-robust --config configs/trn_fmnist_robust_stage1.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust.yaml
+.venv/bin/trn train-robust --config configs/trn_fmnist_robust_twostream.yaml
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_trades.yaml

@@ -28,7 +28,7 @@ from trn.restorer import Restorer
 from trn.sanitize_io import MANIFEST_NAME, read_manifest
 from trn_workers.sanitize import SanitizeConfig, sanitize
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a multi-node cluster per test: ~40 s each on 2 cores
 N = 96
 
 

@@ -81,7 +81,7 @@ def test_both_threat_models_are_reported(cfg: EvalConfig, report) -> None:
     assert set(res["adaptive"]) == {"0.1"}
     ada = res["adaptive"]["0.1"]
     assert ada["no defence"] == res["sweep"]["0.1"]["pgd"]["no defence"]
-    assert set(ada["TRN"]) == {"e2e", "gconst", "bpda", "worst"}
+    assert set(ada["TRN"]) == {"e2e", "gconst", "smooth", "bpda", "worst"}
     assert set(ada["TRN one-stream (ablation)"]) == {"e2e", "bpda", "worst"}  # no map to hold constant
     for v in (ada["TRN"], ada["TRN one-stream (ablation)"]):
         assert all(0.0 <= a <= 1.0 for a in v.values())
@@ -89,7 +89,7 @@ def test_both_threat_models_are_reported(cfg: EvalConfig, report) -> None:
     md = report.markdown
     assert "### Gray-box (attacker targets the guard), Linf eps = 0.1, 12 test images" in md
     assert "### Adaptive white-box, Linf eps = 0.1, PGD-2, 8 test images" in md
-    assert "| defence | gray-box PGD-40 | end-to-end | map held constant | BPDA | **worst case** |" in md
+    assert "| defence | gray-box PGD-40 | end-to-end | map held constant | smooth map | BPDA | **worst case** |" in md
     assert "### Gray-box eps sweep" in md and "| TRN one-stream (ablation) |" in md
     assert "CW-L2 and DeepFool use an L2 budget of 1.5" in md
 

@@ -34,6 +34,7 @@ from trn.robustness import (
     looks_random,
     model_modes,
     run_adaptive_evaluation,
+    smooth_surrogate,
     whitebox_correct,
     worst_case,
 )
@@ -187,6 +188,36 @@ def test_model_modes_restore_everything_even_on_error(model: TinyNet) -> None:
         pass
 
 
+def test_smooth_view_keeps_the_exact_forward_and_differentiates_the_surrogate_map(changing_restorer) -> None:
+    r = changing_restorer
+    stack = defended_model(r.guard, r)
+    stage = stack.preprocessor.stages[0]
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3])
+    surrogate = smooth_surrogate(r.guard)
+    assert not any(isinstance(m, nn.ReLU) for m in surrogate.modules())
+    assert any(isinstance(m, nn.ReLU) for m in r.guard.modules())  # the guard itself is untouched
+
+    def grad(view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = x.clone().requires_grad_(True)
+        with attack_view(stack, view) as m:
+            logits = m(xx)
+            (g,) = torch.autograd.grad(F.cross_entropy(logits, y), xx)
+        return logits.detach(), g
+
+    (z_smooth, g_smooth), (z_const, g_const) = grad("smooth"), grad("gconst")
+    assert stage.map_surrogate is None  # restored on exit
+    torch.testing.assert_close(z_smooth, z_const)  # the forward pass is the exact pipeline
+    # the same gradient by hand: exact map forward, the surrogate's map backward
+    xx = x.clone().requires_grad_(True)
+    g_map = r.gradient_map(xx)
+    g_sur = r.estimator(xx, surrogate, create_graph=True)
+    logits = r.guard(r.net(xx, g_map + (g_sur - g_sur.detach())))
+    (want,) = torch.autograd.grad(F.cross_entropy(logits, y), xx)
+    torch.testing.assert_close(g_smooth, want)
+    assert (g_smooth - g_const).abs().max() > 1e-6  # the map's movement reaches the attacker
+
+
 # ----------------------------------------------------------------------------------------------- worst case
 def test_worst_case_is_per_image() -> None:
     a = torch.tensor([True, True, False, True])
@@ -281,17 +312,19 @@ def test_adaptive_evaluation_end_to_end(tiny_checkpoints: dict[str, str]) -> Non
             {"name": "own classifier", "classifier": p["other"]},
             {"name": "later", "defenses": [{"name": "trn", "checkpoint": p["trn"] + "_missing"}]}]
     cfg = {"dataset": "npz", "data_dir": p["data"], "guard": p["guard"], "rows": rows, "n": 8, "n_square": 4,
-           "n_sanity": 4, "apgd_steps": 4, "apgd_restarts": 2, "pgd_steps": 3, "square_queries": 10,
+           "n_sanity": 4, "apgd_steps": 4, "apgd_restarts": 2, "apgd_variants": ["smooth", "e2e"],
+           "pgd_steps": 3, "pgd_variants": ["gconst", "bpda"], "square_queries": 10,
            "sanity_steps": [1, 3], "sanity_large_eps_steps": 3, "transfer_steps": 3, "batch_size": 8, "device": "cpu", "out_dir": p["out"]}
     with pytest.warns(UserWarning, match="skipping row 'later'"):
         report = run_adaptive_evaluation(cfg)
     res = report.results
     assert list(res["rows"]) == ["restorer", "own classifier"] and "later" in res["skipped"]
     trn = res["rows"]["restorer"]
-    assert trn["variants"] == ["e2e", "gconst", "bpda"] and res["rows"]["own classifier"]["variants"] == ["e2e"]
+    assert trn["variants"] == ["e2e", "gconst", "smooth", "bpda"]
+    assert res["rows"]["own classifier"]["variants"] == ["e2e"]
     assert "APGD-CE (e2e)" in res["rows"]["own classifier"]["attacks"] and not trn["randomized"]
-    assert set(trn["attacks"]) == {"APGD-CE (e2e)", "APGD-CE (gconst)", "APGD-DLR (e2e)", "APGD-DLR (gconst)",
-                                   "PGD-3 (e2e)", "PGD-3 (gconst)", "PGD-3 (bpda)"}
+    assert set(trn["attacks"]) == {"APGD-CE (smooth)", "APGD-CE (e2e)", "APGD-DLR (smooth)", "APGD-DLR (e2e)",
+                                   "PGD-3 (gconst)", "PGD-3 (bpda)"}
     for r in res["rows"].values():
         worst_seen = [a["worst_so_far"] for a in r["attacks"].values()]
         assert worst_seen == sorted(worst_seen, reverse=True)  # the worst case only goes down

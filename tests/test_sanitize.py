@@ -288,6 +288,7 @@ def test_folder_job_mirrors_layout_and_records_errors(ray_local, image_folder: P
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # three jobs: ~40 s on 2 cores
 def test_folder_resume_redoes_only_what_the_manifest_lacks(ray_local, image_folder: Path, tmp_path: Path,
                                                            checkpoint: Path) -> None:
     out = tmp_path / "clean"
@@ -350,6 +351,7 @@ def test_parquet_job_keeps_columns_and_rows_in_order(ray_local, tmp_path: Path, 
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two jobs and a resume: ~45 s on 2 cores
 def test_npz_job_reports_accuracy_and_resumes(ray_local, labelled_npz: Path, tmp_path: Path, checkpoint: Path,
                                               restorer: Restorer, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "clean"

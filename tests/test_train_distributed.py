@@ -60,6 +60,7 @@ def ray_off():
     assert not ray.is_initialized()  # train_distributed started its own local Ray and shut it down
 
 
+@pytest.mark.slow  # two Ray Train workers: ~50 s on 2 cores
 def test_two_cpu_workers_take_the_single_process_steps(cfg: TRNTrainConfig, tmp_path: Path, ray_off) -> None:
     from trn_workers.train import train_distributed
 

@@ -2,7 +2,7 @@
 
 * gray-box: the attacker attacks the guard classifier and does not know a defence is there. Adversarial images depend
   only on the guard, so they are computed once per (attack, eps) and shared by every defence row (and cached).
-* adaptive white-box, three PGD variants and their per-image worst case (an image counts as robust only if every
+* adaptive white-box, four PGD variants and their per-image worst case (an image counts as robust only if every
   variant failed on it):
 
   - ``e2e``: through the whole pipeline -- gradient-map estimation differentiated with ``create_graph=True``, then
@@ -10,6 +10,7 @@
   - ``gconst``: the same, but the gradient map is recomputed at every step and held constant in the backward pass.
     For a ReLU guard the map is piecewise constant in ``x`` with jumps first-order gradients do not see, so its
     exact derivative can mislead more than it helps (only for restorers with a gradient stream);
+  - ``smooth``: the exact map forward, differentiated through a softplus copy of the guard (only with a gradient stream);
   - ``bpda``: the restorer treated as the identity in the backward pass (Athalye et al. 2018).
 
 The gray-box cache (keyed on the images' content, checked against the budget on load), the white-box variants and
@@ -55,7 +56,7 @@ from trn.utils import pick_device, seed_everything
 __all__ = ["EvalConfig", "EvalReport", "Pipeline", "bpda", "make_attack", "run_evaluation"]
 log = logging.getLogger(__name__)
 
-ADAPTIVE_KINDS = ("e2e", "gconst", "bpda")
+ADAPTIVE_KINDS = ("e2e", "gconst", "smooth", "bpda")
 ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "bim": "BIM-20", "pgd": "PGD-40", "mim": "MIM-20",
                  "cw": "CW-L2", "deepfool": "DeepFool-L2"}
 
@@ -215,16 +216,17 @@ def render_markdown(results: dict, cfg: EvalConfig) -> str:
             f"### Adaptive white-box, Linf eps = {eps}, PGD-{cfg.adaptive_steps}, {results['n_subset']} test images",
             ("The attacker knows the whole pipeline. end-to-end: gradients through gradient-map estimation "
              "(create_graph), the TRN and the guard; map held constant: the same with the map recomputed each step "
-             "but constant in the backward pass; BPDA: the restorer as the identity in the backward pass. "
-             "Worst case: an image counts only if all three failed. Accuracy in %."),
+             "but constant in the backward pass; smooth map: the exact map forward, differentiated through the guard "
+             "with its ReLUs as softplus; BPDA: the restorer as the identity in the backward pass. "
+             "Worst case: an image counts only if every variant failed. Accuracy in %."),
             "",
-            "| defence | gray-box PGD-40 | end-to-end | map held constant | BPDA | **worst case** |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| defence | gray-box PGD-40 | end-to-end | map held constant | smooth map | BPDA | **worst case** |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         gb = results["sweep"].get(e, {}).get("pgd", {})
         for n, v in results["adaptive"][e].items():
             if n == "no defence":
-                lines.append(f"| {n} | {_pct(gb.get(n))} | {_pct(v)} | - | - | **{_pct(v)}** |")
+                lines.append(f"| {n} | {_pct(gb.get(n))} | {_pct(v)} | - | - | - | **{_pct(v)}** |")
                 continue
             cells = " | ".join("-" if k not in v else _pct(v[k]) for k in ADAPTIVE_KINDS)
             lines.append(f"| {n} | {_pct(gb.get(n))} | {cells} | **{_pct(v['worst'])}** |")

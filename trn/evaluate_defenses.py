@@ -15,7 +15,8 @@ guards). Columns, all at one Linf budget ``eps``:
   ``naive`` (autograd through everything as built: what a careless evaluation reports; run only where it differs),
   ``e2e`` (autograd through every differentiable part -- the TRN including its gradient-map estimation --, BPDA where
   the gradient is shattered or zero: bit depth, GCM; EOT over ``eot_samples`` draws where the output is random: UniG),
-  ``gconst`` (``e2e`` with each TRN's gradient map held constant in the backward pass; rows with a two-stream TRN)
+  ``gconst`` (``e2e`` with each TRN's gradient map held constant in the backward pass; rows with a two-stream TRN),
+  ``smooth`` (``e2e`` with each TRN's map differentiated through a softplus copy of its guard; the same rows)
   and ``bpda`` (the whole input side treated as the identity in the backward pass). **adaptive** is the per-image
   worst case over the variants run: an image counts as robust only if every attack failed on it.
 * **Square**: the score-based black-box attack (logits only, ``square_queries`` queries) on ``n_square`` of the
@@ -423,7 +424,8 @@ def render_defense_markdown(results: dict, cfg: DefenseEvalConfig) -> str:
          f"through the whole defended model on {results['n_adaptive']} seeded test images (of the "
          f"{results.get('n_subset', results['n'])} of the eps sweep); adaptive = per-image worst case over "
          f"end-to-end (BPDA for shattered/zero gradients, EOT over {cfg.eot_samples} draws for random outputs), "
-         f"end-to-end with the TRN's gradient map held constant, BPDA through the whole input side, and the naive "
+         f"end-to-end with the TRN's gradient map held constant or differentiated through a softplus guard (smooth "
+         f"map), BPDA through the whole input side, and the naive "
          f"attack. Square: score-based black-box on "
          f"{results['n_square']} of the white-box images (median queries over the images it turned from right to "
          f"wrong)."),
@@ -435,14 +437,14 @@ def render_defense_markdown(results: dict, cfg: DefenseEvalConfig) -> str:
     for name, t in results["table"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(t.get(c)) for c in cols) + " |")
     lines += ["", f"#### White-box detail ({results['n_adaptive']} images) and Square queries", "",
-              ("| defence | pipeline | naive | end-to-end | map held constant | BPDA (input side) | adaptive | Square | "
-               "Square median queries |"),
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              ("| defence | pipeline | naive | end-to-end | map held constant | smooth map | BPDA (input side) | adaptive | "
+               "Square | Square median queries |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, wb in results["whitebox"].items():
         sq = results["square"][name]
         mq = sq["median_queries_success"]
         lines.append(f"| {name} | {results['rows'][name]['description']} | {_pct(wb['naive'])} | {_pct(wb['e2e'])} | "
-                     f"{_pct(wb.get('gconst'))} | {_pct(wb['bpda'])} | {_pct(wb['adaptive'])} | {_pct(sq['accuracy'])} | "
+                     f"{_pct(wb.get('gconst'))} | {_pct(wb.get('smooth'))} | {_pct(wb['bpda'])} | {_pct(wb['adaptive'])} | {_pct(sq['accuracy'])} | "
                      f"{'n/a' if mq is None else f'{mq:.0f}'} |")
     if results["notes"]:
         lines += ["", "**Warnings**", ""] + [f"- {n}" for n in results["notes"]]

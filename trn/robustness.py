@@ -16,7 +16,11 @@
   - ``e2e``: end to end, the TRN's gradient-map estimation differentiated with ``create_graph=True``, BPDA only where a
     stage's gradient is useless (bit depth, GCM);
   - ``gconst``: ``e2e`` with each TRN's gradient map recomputed at every step but held constant in the backward pass;
-  - ``bpda``: every input-side stage as the identity in the backward pass (Athalye et al. 2018).
+  - ``bpda``: every input-side stage as the identity in the backward pass (Athalye et al. 2018);
+  - ``smooth``: ``e2e`` with each TRN's gradient map differentiated through a smooth surrogate of the guard (its ReLUs
+    as softplus, :func:`smooth_surrogate`), the exact map kept in the forward pass. A ReLU guard's input gradient is
+    piecewise constant in the input, so ``e2e`` sees almost no second-order signal and ``gconst`` none: this view
+    lets the attacker follow how the map moves (BPDA with a differentiable approximation, for the map only).
 
   Randomness anywhere in the model (a module that says ``randomized = True``, or two forward passes that differ) turns
   on EOT: every gradient is averaged over ``eot_iter`` passes (:func:`trn.attacks.eot_input_gradient`).
@@ -43,6 +47,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +91,7 @@ __all__ = [
     "make_attack",
     "model_modes",
     "run_adaptive_evaluation",
+    "smooth_surrogate",
     "square_correct",
     "variants_for",
     "whitebox_correct",
@@ -93,14 +99,32 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 
-VARIANTS = ("naive", "e2e", "gconst", "bpda")
-_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "gconst": "nondifferentiable", "bpda": "all"}
+VARIANTS = ("naive", "e2e", "gconst", "bpda", "smooth")
+_POLICY = {"naive": "as_built", "e2e": "nondifferentiable", "gconst": "nondifferentiable", "bpda": "all",
+           "smooth": "nondifferentiable"}
+SMOOTH_BETA = 30.0  # softplus sharpness of the ``smooth`` view's surrogate guard (chosen by a sweep: docs/design.md)
+
+
+def smooth_surrogate(model: nn.Module, beta: float = SMOOTH_BETA) -> nn.Module:
+    """A copy of ``model`` with every ``nn.ReLU`` replaced by ``nn.Softplus(beta)`` (same weights, frozen, eval mode).
+
+    Softplus is ReLU's smooth version (it tends to ReLU as ``beta`` grows): the copy's input gradient moves smoothly
+    with the input, so its map can be differentiated. Functional ``F.relu`` calls are not replaced.
+    """
+    copy = deepcopy(model).eval()
+    for m in list(copy.modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(m, child_name, nn.Softplus(beta=beta))
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy
 
 
 # ----------------------------------------------------------------------------------------------- model modes
 @contextmanager
 def model_modes(model: Any, *, eval_mode: bool = True, policy: str = "as_built",
-                hold_map: bool = False) -> Iterator[Any]:
+                hold_map: bool = False, smooth_map: bool = False) -> Iterator[Any]:
     """Temporarily set every mode an attack depends on; everything is restored on exit, even after an error.
 
     Args:
@@ -109,6 +133,7 @@ def model_modes(model: Any, *, eval_mode: bool = True, policy: str = "as_built",
             BatchNorm inside a training model stays frozen).
         policy: BPDA policy of :func:`trn.defenses.base.bpda_policy` (``as_built``, ``nondifferentiable``, ``all``).
         hold_map: hold every TRN stage's gradient map constant in the backward pass.
+        smooth_map: differentiate every TRN stage's gradient map through a smooth surrogate of its guard.
 
     Example:
         >>> with model_modes(stack, policy="all"):     # the whole input side as the identity backward
@@ -118,18 +143,21 @@ def model_modes(model: Any, *, eval_mode: bool = True, policy: str = "as_built",
         yield model
         return
     modes = [(m, m.training) for m in model.modules()]
-    stages = [m for m in model.modules() if isinstance(m, RestorerStage)] if hold_map else []
-    held = [m.hold_map for m in stages]
+    stages = [m for m in model.modules() if isinstance(m, RestorerStage)] if hold_map or smooth_map else []
+    held = [(m.hold_map, m.map_surrogate) for m in stages]
     try:
         if eval_mode:
             model.eval()
         for m in stages:
-            m.hold_map = True
+            if hold_map:
+                m.hold_map = True
+            if smooth_map and m.has_map:
+                m.map_surrogate = smooth_surrogate(m.restorer.guard)
         with bpda_policy(model, policy):  # type: ignore[arg-type]
             yield model
     finally:
-        for m, h in zip(stages, held, strict=True):
-            m.hold_map = h
+        for m, (h, surrogate) in zip(stages, held, strict=True):
+            m.hold_map, m.map_surrogate = h, surrogate
         for m, training in modes:
             m.train(training)
 
@@ -146,7 +174,8 @@ def attack_view(model: Any, variant: str) -> Iterator[Any]:
     """The model as the white-box ``variant`` differentiates it (see the module docstring), restored on exit."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown white-box variant {variant!r}; choose from {list(VARIANTS)}")
-    with model_modes(model, policy=_POLICY[variant], hold_map=variant == "gconst") as m:
+    with model_modes(model, policy=_POLICY[variant], hold_map=variant == "gconst",
+                     smooth_map=variant == "smooth") as m:
         yield m
 
 
@@ -197,7 +226,7 @@ def variants_for(model: nn.Module, naive: bool = True) -> list[str]:
         out.append("naive")
     out.append("e2e")
     if any(isinstance(m, RestorerStage) and m.has_map for m in model.modules()):
-        out.append("gconst")
+        out += ["gconst", "smooth"]
     pre = getattr(model, "preprocessor", None)
     if pre is not None and any(getattr(s, "differentiable", True) for s in pre.stages):
         out.append("bpda")  # BPDA on the whole input side differs from e2e
@@ -342,7 +371,7 @@ def whitebox_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variant
     Args:
         model: the defended model (a :class:`DefenseStack`, or any ``nn.Module`` from [0, 1] images to logits).
         x, y: (N, C, H, W) images in [0, 1] and (N,) labels (any device; batches are moved to ``device``).
-        variant: ``naive``, ``e2e``, ``gconst`` or ``bpda`` (see the module docstring).
+        variant: ``naive``, ``e2e``, ``gconst``, ``bpda`` or ``smooth`` (see the module docstring).
         attack: a gradient attack with an ``eot_iter`` field (PGD, APGD); default ``PGD(eps, steps, alpha, seed)``.
         eot_samples: EOT passes per gradient when the model is random (every variant but ``naive``).
         randomized: whether the model is random; None: :func:`looks_random` on the first batch.
@@ -561,6 +590,7 @@ def _default_adaptive_rows() -> list[DefenseRow]:
         DefenseRow("no defence"),
         DefenseRow("TRN (gray-box net)", [{"name": "trn", "checkpoint": "checkpoints/trn_fmnist"}]),
         DefenseRow("robust TRN", [{"name": "trn", "checkpoint": "checkpoints/trn_fmnist_robust"}]),
+        DefenseRow("TRADES adversarial training", [], "checkpoints/fmnist_guard_trades"),
         DefenseRow("PGD adversarial training", [], "checkpoints/fmnist_guard_advtrain"),
     ]
 
@@ -582,7 +612,7 @@ class AdaptiveEvalConfig:
     apgd_steps: int = 100
     apgd_restarts: int = 3
     apgd_losses: list[str] = field(default_factory=lambda: ["ce", "dlr"])  # APGD-CE and APGD-DLR
-    apgd_variants: list[str] = field(default_factory=lambda: ["e2e", "gconst"])  # views APGD attacks through
+    apgd_variants: list[str] = field(default_factory=lambda: ["smooth", "gconst", "e2e"])  # views APGD attacks through
     pgd_steps: int = 100
     pgd_variants: list[str] = field(default_factory=lambda: ["e2e", "gconst", "bpda"])
     eot_iter: int = 20                          # EOT passes per gradient, for rows whose output is random
@@ -764,7 +794,8 @@ def render_adaptive_markdown(results: dict, cfg: AdaptiveEvalConfig) -> str:
         (f"Gradient attacks on {n} seeded test images: APGD-{'/'.join(x.upper() for x in cfg.apgd_losses)} "
          f"({cfg.apgd_steps} steps, {cfg.apgd_restarts} restarts) through {cfg.apgd_variants}, PGD-{cfg.pgd_steps} "
          f"through {cfg.pgd_variants} (e2e: end to end, the gradient map differentiated; gconst: the map held "
-         f"constant; bpda: the input side as the identity backward), EOT over {cfg.eot_iter} passes on rows with "
+         f"constant; smooth: the map differentiated through a softplus copy of the guard; bpda: the input side as "
+         f"the identity backward; each view only where it applies), EOT over {cfg.eot_iter} passes on rows with "
          f"randomness. Square: {cfg.square_queries} queries on the first {ns} of those images. Worst case: an image "
          f"counts only if every attack failed on it. Transfer: PGD-{cfg.transfer_steps} crafted on the undefended "
          f"guard."),

@@ -147,7 +147,9 @@ class RestorerStage(nn.Module):
     Gradients go through the restorer (including its gradient-map estimation, ``create_graph=True``) whenever the
     caller differentiates w.r.t. the input, which is what an end-to-end adaptive attack needs; ``hold_map=True``
     recomputes the gradient map but holds it constant in the backward pass (the stronger adaptive attack on a ReLU
-    guard, whose map is piecewise constant in the input); ``bpda=True`` uses the identity in the backward pass
+    guard, whose map is piecewise constant in the input); ``map_surrogate`` (a smooth stand-in for the guard, e.g.
+    its ReLUs as softplus) keeps the exact map in the forward pass but differentiates the map the surrogate gives
+    (BPDA with a differentiable approximation, for the map only); ``bpda=True`` uses the identity in the backward pass
     instead (the BPDA attack on the purifier).
     """
 
@@ -158,6 +160,7 @@ class RestorerStage(nn.Module):
         if not callable(restorer):
             raise ConfigError(f"the 'trn' stage needs a callable restorer, got {type(restorer).__name__}")
         self.restorer, self.bpda, self.hold_map = restorer, bool(bpda), False
+        self.map_surrogate: nn.Module | None = None
         fwd = restorer.forward if isinstance(restorer, nn.Module) else restorer
         try:
             self._takes_create_graph = "create_graph" in inspect.signature(fwd).parameters
@@ -175,7 +178,13 @@ class RestorerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bpda:
             return self.bpda_forward(x)
-        return self._restore(x, not self.hold_map and torch.is_grad_enabled() and x.requires_grad)
+        differentiating = torch.is_grad_enabled() and x.requires_grad
+        if self.map_surrogate is not None and self.has_map and differentiating and not self.hold_map:
+            r = self.restorer
+            g = r.gradient_map(x)                                          # exact map, constant
+            g_smooth = r.estimator(x, self.map_surrogate, create_graph=True)  # the surrogate's map, differentiable
+            return r.net(x, g + (g_smooth - g_smooth.detach()))            # forward: exact; backward: surrogate's
+        return self._restore(x, not self.hold_map and differentiating)
 
     @property
     def has_map(self) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import band_images, fit_on_bands
 from torch import nn
 
 from trn.attacks import PGD, Square, create_attack
@@ -65,35 +66,16 @@ class TinyNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class k = a bright horizontal band in third k of the image, plus noise. (n, 1, 8, 8) in [0, 1], (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, K, (n,), generator=g)
-    x = 0.25 * torch.rand(n, C, H, W, generator=g)
-    for k in range(K):
-        rows = slice(k * H // K, (k + 1) * H // K + 1)
-        x[y == k, :, rows] += 0.6
-    return x.clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
-    return synthetic(64, seed=1)
+    return band_images(64, seed=1)
 
 
 @pytest.fixture(scope="module")
 def model() -> TinyNet:
     """TinyNet trained to ~100% on the synthetic task (about a second)."""
     torch.manual_seed(0)
-    net = TinyNet()
-    x, y = synthetic(256, seed=0)
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    net.zero_grad(set_to_none=True)
-    return net.eval().requires_grad_(False)
+    return fit_on_bands(TinyNet())
 
 
 def acc(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -365,7 +347,7 @@ def test_square_respects_budget_and_lowers_accuracy(model: TinyNet, data) -> Non
 
 # ----------------------------------------------------------------------------------------------- training options
 def _npz(tmp_path: Path, n: int = 48) -> str:
-    x, y = synthetic(n, seed=5)
+    x, y = band_images(n, seed=5)
     path = tmp_path / "synthetic.npz"
     np.savez(path, images=x.numpy().astype(np.float32), labels=y.numpy())
     return str(path)

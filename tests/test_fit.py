@@ -118,3 +118,26 @@ def test_zoo_batch_and_loss():
         AgnosticTrainConfig(zoo=[])
     with pytest.raises(ConfigError, match="val_size 100 leaves no training images"):
         split_train_val(ds, 100, 0)
+
+
+def test_agnostic_train_state_round_trips(tmp_path):
+    """What a stop of ``trn train-agnostic`` saves is what a resume loads: weights, optimizer state, epoch, RNG."""
+    from trn.train_agnostic import AgnosticTrainConfig, _load_state, _save_state
+
+    cfg = AgnosticTrainConfig(out=str(tmp_path / "agnostic"))
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.rand(3, 4)).sum().backward()
+    opt.step()
+    _save_state(cfg, net, opt, 2, [{"epoch": 2}])
+    expected = torch.rand(1)  # the first draw after the stop
+    torch.manual_seed(123)  # the RNG must come back to where the stop left it
+    other = torch.nn.Linear(4, 2)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
+    epoch, history = _load_state(cfg, other, other_opt, torch.device("cpu"))
+    assert (epoch, history) == (2, [{"epoch": 2}])
+    torch.testing.assert_close(torch.rand(1), expected)
+    for a, b in zip(net.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])

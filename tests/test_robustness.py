@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import band_images, fit_on_bands
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,16 +43,6 @@ from trn.robustness import (
 C, H, W, K = 1, 8, 8, 3
 
 
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class k = a bright horizontal band in third k of the image, plus noise. (n, 1, 8, 8) in [0, 1], (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, K, (n,), generator=g)
-    x = 0.25 * torch.rand(n, C, H, W, generator=g)
-    for k in range(K):
-        x[y == k, :, k * H // K:(k + 1) * H // K + 1] += 0.6
-    return x.clamp(0, 1), y
-
-
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -64,21 +55,14 @@ class TinyNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
-    return synthetic(48, seed=1)
+    return band_images(48, seed=1)
 
 
 @pytest.fixture(scope="module")
 def model() -> TinyNet:
     """TinyNet trained to ~100% on the synthetic task (under a second)."""
     torch.manual_seed(0)
-    net = TinyNet()
-    x, y = synthetic(256, seed=0)
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net.eval().requires_grad_(False)
+    return fit_on_bands(TinyNet())
 
 
 def acc(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -284,14 +268,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, model: TinyNet) -
     tmp = tmp_path_factory.mktemp("adaptive")
     kw = {"in_channels": C, "num_classes": K, "image_size": H, "width": 4}
     torch.manual_seed(0)
-    guard = create_classifier("small_cnn", **kw)
-    x, y = synthetic(256, seed=0)
-    opt = torch.optim.Adam(guard.parameters(), lr=0.02)
-    for _ in range(40):
-        opt.zero_grad()
-        F.cross_entropy(guard(x), y).backward()
-        opt.step()
-    guard.eval()
+    guard = fit_on_bands(create_classifier("small_cnn", **kw), steps=40)
     meta = {"image_shape": [C, H, W], "class_names": ["a", "b", "c"]}
     save_classifier(tmp / "guard", guard, "small_cnn", kw, meta)
     save_classifier(tmp / "other", create_classifier("small_cnn", **kw).eval(), "small_cnn", kw, meta)
@@ -299,7 +276,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, model: TinyNet) -
     with torch.no_grad():  # a restorer that changes images
         r.net.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     r.save(tmp / "trn")
-    xt, yt = synthetic(12, seed=5)
+    xt, yt = band_images(12, seed=5)
     data_path = save_npz(tmp / "data.npz", ImageDataset(xt, yt, ("a", "b", "c"), "tiny"))
     return {"guard": str(tmp / "guard"), "other": str(tmp / "other"), "trn": str(tmp / "trn"),
             "data": str(data_path), "out": str(tmp / "out")}

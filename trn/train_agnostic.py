@@ -41,7 +41,13 @@ from torch import nn
 from tqdm import tqdm
 
 from trn.attacks import create_attack
-from trn.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from trn.checkpoint import (
+    checkpoint_paths,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    training_state,
+)
 from trn.config import load_config, to_dict
 from trn.data import ImageDataset, load_dataset
 from trn.downstream import load_downstream
@@ -256,10 +262,7 @@ def _update_history(out: str, history: list) -> None:
 
 def _save_state(cfg: AgnosticTrainConfig, net: nn.Module, opt: torch.optim.Optimizer, epoch: int,
                 history: list) -> None:
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    for pid, s in opt.state_dict()["state"].items():
-        for name, t in s.items():
-            state[f"opt.{pid}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    state = training_state(net, opt)
     state["rng.torch"] = torch.get_rng_state()
     meta = {"kind": "train_state", "epoch": epoch, "config": to_dict(cfg), "history": history}
     save_checkpoint(_state_path(cfg.out), state, meta)
@@ -273,13 +276,7 @@ def _load_state(cfg: AgnosticTrainConfig, net: nn.Module, opt: torch.optim.Optim
     state, meta = load_checkpoint(path, device)
     if meta.get("config") != to_dict(cfg):
         raise CheckpointError(f"{path}: saved with a different config; delete it or set resume: false")
-    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-    sd = opt.state_dict()
-    for key, t in state.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            sd["state"].setdefault(int(pid), {})[name] = t
-    opt.load_state_dict(sd)
+    load_training_state(state, net, opt)
     torch.set_rng_state(state["rng.torch"].cpu())
     log.info("resumed from %s after epoch %d", path, meta["epoch"])
     return int(meta["epoch"]), list(meta.get("history", []))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -53,6 +53,7 @@ __all__ = [
     "first_tensor",
     "header_size",
     "multipart_files",
+    "output_query",
     "parse_downstream_json",
     "read_body",
     "request_policy",
@@ -263,6 +264,17 @@ def decode_images(parts: Sequence[bytes], fmt: BodyFormat, settings: AppArgs, im
                              channel_policy=settings.channel_policy, max_pixels=settings.max_pixels)
         out.append((image, None if resized_from == size else resized_from))
     return out
+
+
+def output_query(
+    output: Literal["full", "top_k", "rounded", "label"] | None = Query(
+        None, description="ask for less than the app's output policy (never more: 403)"),
+    k: int | None = Query(None, ge=1, description="classes shown by output=top_k"),
+    decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
+) -> tuple[str | None, int | None, int | None]:
+    """The output-policy query parameters of the classify endpoints (a FastAPI dependency): ``(output, k, decimals)``
+    for :func:`request_policy`."""
+    return output, k, decimals
 
 
 def request_policy(app: OutputPolicy, output: str | None, k: int | None, decimals: int | None,

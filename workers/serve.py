@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from fastapi import Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
@@ -61,6 +61,7 @@ from trn.http_api import (
     decode_images,
     first_tensor,
     multipart_files,
+    output_query,
     read_body,
     request_policy,
 )
@@ -356,13 +357,10 @@ class TRNService:
     async def classify(
         self,
         request: Request,
-        output: Literal["full", "top_k", "rounded", "label"] | None = Query(
-            None, description="ask for less than the app's output policy (never more: 403)"),
-        k: int | None = Query(None, ge=1, description="classes shown by output=top_k"),
-        decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
+        asked: tuple[str | None, int | None, int | None] = Depends(output_query),
     ) -> JSONResponse:
         self._check_classifier()
-        policy = request_policy(self.args.output, output, k, decimals, len(self.class_names))
+        policy = request_policy(self.args.output, *asked, len(self.class_names))
         ((image, resized_from),) = await self._images_from_request(request, batch=False)
         self._charge(request, 1)
         body, batch = await self._classify_one(image, resized_from, policy)
@@ -378,13 +376,10 @@ class TRNService:
     async def classify_batch(
         self,
         request: Request,
-        output: Literal["full", "top_k", "rounded", "label"] | None = Query(
-            None, description="ask for less than the app's output policy (never more: 403)"),
-        k: int | None = Query(None, ge=1, description="classes shown by output=top_k"),
-        decimals: int | None = Query(None, ge=0, le=6, description="decimals of output=rounded"),
+        asked: tuple[str | None, int | None, int | None] = Depends(output_query),
     ) -> JSONResponse:
         self._check_classifier()
-        policy = request_policy(self.args.output, output, k, decimals, len(self.class_names))
+        policy = request_policy(self.args.output, *asked, len(self.class_names))
         items = await self._images_from_request(request, batch=True)
         self._charge(request, len(items))
         outs = await asyncio.gather(*(self._classify_one(img, rf, policy) for img, rf in items))

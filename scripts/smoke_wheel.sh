@@ -58,7 +58,7 @@ site = Path(trn.__file__).resolve().parent
 assert repo not in site.parents, f"trn imported from the checkout: {site}"
 assert not (Path.cwd() / "checkpoints").exists()
 print("shipped weights:", shipped_checkpoints())
-for name in ("checkpoints/trn_fmnist", "checkpoints/fmnist_guard"):
+for name in ("checkpoints/trn_fmnist_agnostic", "checkpoints/trn_fmnist", "checkpoints/fmnist_guard"):
     p = resolve_checkpoint(name)
     assert site in p.parents, f"{name} resolved outside the installed package: {p}"
 
@@ -88,7 +88,7 @@ if os.environ["TRN_SMOKE_SERVE"] == "1":
                 raise
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = serve_app.build_app({"restorer": str(resolve_checkpoint("checkpoints/trn_fmnist")), "num_cpus": 0.5})
+        app = serve_app.build_app({"restorer": str(resolve_checkpoint("checkpoints/trn_fmnist_agnostic")), "num_cpus": 0.5})
         serve.run(app, name="smoke", route_prefix="/")
         img = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
         buf = io.BytesIO()

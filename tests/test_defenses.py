@@ -454,3 +454,33 @@ def test_held_map_variant_differentiates_through_the_image_path_only() -> None:
     (g_ref,) = torch.autograd.grad(r.net(x, r.gradient_map(xd)).sum(), x)  # map as a constant
     torch.testing.assert_close(g_held, g_ref)
     assert not torch.allclose(g_held, g_e2e)  # the map's own derivative is what e2e adds
+
+
+def test_trn_map_from_a_downstream_classifier(tmp_path: Path) -> None:
+    """``{name: trn, map_from: FILE}`` restores with the map of that classifier (trn checkpoint or TorchScript), the
+    sanitize job resolves it to an absolute path, and a restorer that reads no map refuses it."""
+    from trn.restorer import Restorer
+    from trn.sanitize_io import prepare_defenses
+
+    torch.manual_seed(0)
+    r = Restorer.build(seed=0)
+    with torch.no_grad():  # random weights: an initialised TRN may not read its map yet
+        for p in r.net.parameters():
+            p.normal_(0, 0.2)
+    clf = create_classifier("zoo_mlp", hidden=8, depth=1).eval()
+    save_classifier(tmp_path / "mlp", clf, "zoo_mlp", {"hidden": 8, "depth": 1}, {"image_shape": [1, 28, 28]})
+    torch.jit.script(clf).save(str(tmp_path / "mlp.pt"))
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        want = r.with_map_from(clf)(x)
+        for path in (tmp_path / "mlp", tmp_path / "mlp.pt"):
+            stack = build_defense_stack([{"name": "trn", "map_from": str(path)}], r.guard, restorer=r)
+            torch.testing.assert_close(stack.preprocessor(x), want, atol=1e-5, rtol=0)
+        assert not torch.allclose(want, r(x), atol=1e-4)  # the guard's map gives another image
+    spec = prepare_defenses([{"name": "trn", "map_from": str(tmp_path / "mlp")}], r)
+    assert spec == [{"name": "trn", "map_from": str((tmp_path / "mlp").resolve())}]
+    with pytest.raises(ConfigError, match="map_from classifier not found"):
+        prepare_defenses([{"name": "trn", "map_from": str(tmp_path / "nope")}], r)
+    one = Restorer.build(seed=0, two_stream=False)
+    with pytest.raises(ConfigError, match="map_from needs a two-stream restorer"):
+        build_defense_stack([{"name": "trn", "map_from": str(tmp_path / "mlp")}], one.guard, restorer=one)

@@ -25,7 +25,11 @@ def tiny(tmp_path):
     save_classifier(tmp_path / "mlp", mlp, "zoo_mlp", {"hidden": 16, "depth": 1}, {"image_shape": [1, 28, 28]})
     cnn = create_classifier("zoo_cnn", width=4).eval()
     torch.jit.script(cnn).save(str(tmp_path / "cnn.pt"))
-    Restorer.build(seed=0).save(tmp_path / "r")
+    r = Restorer.build(seed=0)
+    with torch.no_grad():  # random weights: a freshly initialised TRN may not read its gradient map yet
+        for p in r.net.parameters():
+            p.normal_(0, 0.2)
+    r.save(tmp_path / "r")
     cfg = {"n": 12, "restorers": {"tiny": str(tmp_path / "r")},
            "classifiers": {"mlp": str(tmp_path / "mlp"), "cnn": str(tmp_path / "cnn.pt")},
            "held_out": ["cnn"], "transfer_source": "mlp", "batch_size": 8, "device": "cpu",
@@ -55,12 +59,34 @@ def test_matrix_end_to_end(tiny, capsys):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+def test_matrix_map_from_downstream(tiny):
+    """A row with ``map_from: downstream`` restores each column's images with that column's classifier's map."""
+    d, mlp, cnn = tiny
+    r = str(d / "r")
+    assert main(["eval-downstream", "--config", str(d / "cfg.yaml"), "--set", "attacks=[fgsm]",
+                 "--set", f"restorers={{tiny: {r}, tiny-ds: {r}}}", "--set", "map_from={tiny-ds: downstream}"]) == 0
+    res = json.loads((d / "out" / "downstream.json").read_text())
+    test = load_dataset("fashion-mnist", None, "test").subset(12, 0)
+    restorer = Restorer.load(r)
+    for name, clf in (("mlp", mlp), ("cnn", cnn)):
+        from trn.fidelity import psnr_per_image
+
+        want = psnr_per_image(restorer.with_map_from(clf).restore(test.images), test.images).mean().item()
+        assert res["fidelity"]["tiny-ds"][name]["clean"]["psnr"] == pytest.approx(want, rel=1e-5)
+        assert res["fidelity"]["tiny-ds"][name]["clean"]["psnr"] != pytest.approx(
+            res["fidelity"]["tiny"][name]["clean"]["psnr"], rel=1e-4)
+
+
 def test_matrix_bad_config(tiny, capsys):
     d, _, _ = tiny
     with pytest.raises(ConfigError, match="held_out names"):
         load_config(DownstreamEvalConfig, d / "cfg.yaml", ["held_out=[nope]"])
     with pytest.raises(ConfigError, match="transfer_source 'x'"):
         load_config(DownstreamEvalConfig, d / "cfg.yaml", ["transfer_source=x"])
+    with pytest.raises(ConfigError, match="map_from maps restorer rows"):
+        load_config(DownstreamEvalConfig, d / "cfg.yaml", ["map_from={nope: downstream}"])
+    with pytest.raises(ConfigError, match="map_from maps restorer rows"):
+        load_config(DownstreamEvalConfig, d / "cfg.yaml", ["map_from={tiny: sideways}"])
     with pytest.raises(ConfigError, match="attacks must be a subset"):
         load_config(DownstreamEvalConfig, d / "cfg.yaml", ["attacks=[square]"])
     (d / "bad.pt").write_bytes(b"\x80\x04junk")

@@ -96,11 +96,15 @@ def test_zoo_batch_and_loss():
     for target in ("random", "ensemble"):
         cfg = AgnosticTrainConfig(chunks=4, clean_chunks=1, eps_max=0.05, attacks=["pgd", "fgsm"],
                                   attack_target=target)
-        x_in, is_clean, tags = make_zoo_batch(zoo, x, y, cfg, random.Random(0))
+        x_in, is_clean, tags, sources = make_zoo_batch(zoo, x, y, cfg, random.Random(0))
+        assert sources[0] == -1 and all((j == 2) == (target == "ensemble") for j in sources[1:])
         assert is_clean.tolist() == [True] * 4 + [False] * 12 and tags[0] == "clean" and len(tags) == 4
         assert torch.equal(x_in[:4], x[:4]) and (x_in - x).abs().max() <= 0.05 + 1e-6
         assert not torch.equal(x_in[4:], x[4:])
         assert all(("/ens" in t) == (target == "ensemble") for t in tags[1:])
+    cfg = AgnosticTrainConfig(chunks=16, clean_chunks=0, eps_max=0.05, attacks=["fgsm"], attack_target="mixed")
+    tags = make_zoo_batch(zoo, x, y, cfg, random.Random(0))[2]
+    assert {t.split("/")[1] for t in tags} == {"m0", "m1", "ens"}  # mixed: members and the ensemble both drawn
     logp = [F.log_softmax(m(x), 1) for m in zoo]
     loss, parts = agnostic_loss(x.clone(), x, is_clean, zoo, logp, cfg)
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and parts["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -141,3 +145,58 @@ def test_agnostic_train_state_round_trips(tmp_path):
     for a, b in zip(net.parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_map_from_attacked_member_and_with_map_from():
+    """``map_from: attacked`` restores each chunk with the map of the member it was attacked on (clean chunks: some
+    member's, never the guard's); ``guard`` uses the guard; ``Restorer.with_map_from`` swaps the map's classifier only."""
+    import random
+
+    from trn.restorer import Restorer
+    from trn.train_agnostic import AgnosticTrainConfig, make_zoo_batch, restore_zoo_batch
+
+    torch.manual_seed(0)
+    r = Restorer.build(arch="trn_tiny", seed=0)
+    with torch.no_grad():  # random weights everywhere: an initialised TRN may not read its map at all yet
+        for p in r.net.parameters():
+            p.normal_(0, 0.2)
+    zoo = [create_classifier("zoo_mlp", hidden=8, depth=1).eval(), create_classifier("zoo_cnn", width=2).eval()]
+    x, y = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    with_map = lambda xs, m: r.net(xs, r.estimator(xs, m))
+    cfg = AgnosticTrainConfig(chunks=3, clean_chunks=1, eps_max=0.05, attacks=["fgsm"], map_from="attacked")
+    x_in, _, _, sources = make_zoo_batch(zoo, x, y, cfg, random.Random(3))
+    out = restore_zoo_batch(r, zoo, x_in, sources, cfg, random.Random(0))
+    for s, j in zip((slice(0, 4), slice(4, 8), slice(8, 12)), sources, strict=True):
+        candidates = [zoo[j]] if j in (0, 1) else zoo
+        assert any(torch.allclose(out[s], with_map(x_in[s], m), atol=1e-6) for m in candidates)
+        assert not torch.allclose(out[s], with_map(x_in[s], r.guard), atol=1e-4)
+    guard_cfg = AgnosticTrainConfig(chunks=3, clean_chunks=1, map_from="guard")
+    assert torch.allclose(restore_zoo_batch(r, zoo, x_in, sources, guard_cfg, random.Random(0)), r(x_in), atol=1e-6)
+    r.net.train()
+    swapped = r.with_map_from(zoo[1])
+    assert r.net.training and swapped.net is r.net and swapped.guard is zoo[1] and r.guard is not zoo[1]
+    r.net.eval()
+    assert torch.allclose(swapped(x), with_map(x, zoo[1]), atol=1e-6)
+    assert not torch.allclose(swapped(x), r(x), atol=1e-4)
+
+
+def test_shipped_agnostic_restorer_protects_a_held_out_classifier():
+    """``Restorer.pretrained("fashion-mnist")`` (the agnostic net) against PGD-10 crafted on the held-out residual net (a
+    family it never trained on): most images come back right, whether the map comes from its guard or from the
+    residual net itself; undefended, almost none do."""
+    from trn.attacks import create_attack
+    from trn.data import load_dataset
+    from trn.downstream import load_downstream
+    from trn.restorer import Restorer
+
+    test = load_dataset("fashion-mnist", None, "test").subset(64, 3)
+    x, y = test.images, test.labels
+    resnet = load_downstream("checkpoints/zoo_fmnist_resnet")
+    r = Restorer.pretrained("fashion-mnist")
+    x_adv = create_attack("pgd", eps=0.1, steps=10, seed=0)(resnet, x, y)
+    acc = lambda z: (resnet(z).argmax(1) == y).float().mean().item()
+    with torch.no_grad():
+        assert acc(x_adv) < 0.1
+        assert acc(r.restore(x_adv)) > 0.6
+        assert acc(r.with_map_from(resnet).restore(x_adv)) > 0.6
+        assert acc(r.restore(x)) > 0.8

@@ -111,22 +111,23 @@ def test_split_forward_matches_forward() -> None:
 
 
 def test_variants_and_registry() -> None:
-    assert list_trn_variants() == ["trn_base_32", "trn_small_28"]  # the test-only trn_tiny is not public
-    assert list_trn_variants(include_private=True) == ["trn_base_32", "trn_small_28", "trn_tiny"]
+    assert list_trn_variants() == ["trn_base_28", "trn_base_32", "trn_small_28"]  # the test-only trn_tiny is not public
+    assert list_trn_variants(include_private=True) == ["trn_base_28", "trn_base_32", "trn_small_28", "trn_tiny"]
     assert "trn_tiny" in TRN_VARIANTS and "trn_tiny" not in TRN_VARIANTS.list()
     assert TRN_VARIANTS.describe()["trn_small_28"].startswith("Grey 28x28")  # the factory's docstring
     small = create_trn("trn_small_28")
     assert isinstance(small, nn.Module) and small.cfg == TRNConfig(1, 16, 3, True)
     assert create_trn("trn_base_32").cfg == TRNConfig(3, 32, 3, True)
+    assert create_trn("trn_base_28").cfg == TRNConfig(1, 32, 3, True)
     assert create_trn("trn_tiny", width=8).cfg.width == 8
     assert create_trn().cfg == small.cfg  # the default variant
     assert sum(p.numel() for p in small.parameters()) < 1_000_000  # cheap enough for a 2-core CPU
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_32'"):
+    with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_28'"):
         create_trn("trn_huge")
-    with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_32', 'trn_small_28'\]$"):
+    with pytest.raises(ConfigError, match=r"unknown TRN variant 'trn_huge'; available: \['trn_base_28', 'trn_base_32', 'trn_small_28'\]$"):
         create_trn("trn_huge")  # the private trn_tiny is not offered
     with pytest.raises(ConfigError, match="bad arguments for TRN variant 'trn_tiny'.*depth"):
         create_trn("trn_tiny", depth=3)

@@ -130,10 +130,10 @@ def test_pretrained_without_weights_says_where_it_looked(tmp_path: Path, restore
     monkeypatch.setattr(w, "_PACKAGE_WEIGHTS", tmp_path / "pkg")  # an install whose weights are missing
     monkeypatch.setattr(w, "_SOURCE_WEIGHTS", tmp_path / "src")
     monkeypatch.setenv(w.ENV_VAR, str(tmp_path / "env"))
-    with pytest.raises(CheckpointError, match=r"checkpoint file not found for 'trn_fmnist'.*TRN_WEIGHTS_DIR=.*"
+    with pytest.raises(CheckpointError, match=r"checkpoint file not found for 'trn_fmnist_agnostic'.*TRN_WEIGHTS_DIR=.*"
                                               r"shipped: none"):
         Restorer.pretrained("fashion-mnist")
-    restorer.save(tmp_path / "env" / "trn_fmnist")  # the environment override supplies them
+    restorer.save(tmp_path / "env" / "trn_fmnist_agnostic")  # the environment override supplies them
     assert torch.equal(Restorer.pretrained("fashion-mnist").net.head.weight, restorer.net.head.weight)
 
 
@@ -237,7 +237,7 @@ def test_bad_arrays(restorer: Restorer) -> None:
 
 # --------------------------------------------------------------------------------------------- shipped checkpoint
 def test_shipped_restorer_metadata() -> None:
-    assert PRETRAINED["fashion-mnist"] == "trn_fmnist" and CHECKPOINT_DIR == ROOT / "checkpoints"
+    assert PRETRAINED["fashion-mnist"] == "trn_fmnist_agnostic" and PRETRAINED["fashion-mnist-guard"] == "trn_fmnist" and CHECKPOINT_DIR == ROOT / "checkpoints"
     tensors, meta_path = checkpoint_paths(TRN_CKPT)
     assert tensors.is_file(), f"shipped restorer missing: {tensors} (trn train --config configs/trn_fmnist.yaml)"
     meta = json.loads(meta_path.read_text())
@@ -250,7 +250,7 @@ def test_shipped_restorer_metadata() -> None:
 def test_shipped_restorer_restores_guard_accuracy_under_pgd() -> None:
     """Gray-box PGD-40, Linf eps 0.1, against the shipped guard on 250 seeded Fashion-MNIST test images: the guard
     is left near 0%; the same images after restoration are classified far better, and clean images stay fine."""
-    r = Restorer.pretrained("fashion-mnist")
+    r = Restorer.pretrained("fashion-mnist-guard")
     guard, _ = load_classifier(GUARD)
     for k, v in guard.state_dict().items():  # the restorer was trained against (and ships) this very guard
         assert torch.equal(r.guard.state_dict()[k], v), f"restorer's guard differs from {GUARD} at {k}"

@@ -503,7 +503,7 @@ def test_default_checkpoint_is_found_outside_the_repository(labelled_npz: Path, 
     rc = main(["sanitize", str(labelled_npz), str(tmp_path / "out")])  # the default --checkpoint
     assert rc == 2 and "stopped before Ray" in capsys.readouterr().err  # got past loading the checkpoint
     recorded = Path(json.loads((tmp_path / "out" / SPEC_NAME).read_text())["checkpoint"])
-    assert recorded.name == "trn_fmnist.safetensors" and recorded.is_file()
+    assert recorded.name == "trn_fmnist_agnostic.safetensors" and recorded.is_file()
 
 
 @pytest.fixture

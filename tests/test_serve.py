@@ -815,3 +815,19 @@ def test_output_class_names() -> None:
         output_class_names(2, None, guard, "guard")
     assert (e.value.status, e.value.kind, e.value.message) == (
         500, "ConfigError", "downstream returned 2 classes but 3 class names are configured (downstream.class_names)")
+
+
+def test_trn_map_from_resolves_and_builds(ckpts, monkeypatch) -> None:
+    """``defenses: [{name: trn, map_from: FILE}]``: resolved to an absolute path (replicas run elsewhere), the map then
+    comes from that classifier in the replica's preprocessor; a missing file is named."""
+    monkeypatch.chdir(ckpts["dir"])
+    args = app_args_from_mapping({"restorer": ckpts["restorer"], "defenses": [{"name": "trn", "map_from": "clf"}]})
+    spec = args.with_resolved_paths().defenses
+    assert spec == [{"name": "trn", "map_from": str((ckpts["dir"] / "clf").resolve())}]
+    pre, _ = build_service_defenses(spec, ckpts["model"], "guard", "cpu")
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pre(x), ckpts["model"].with_map_from(ckpts["clf"])(x), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match=r"defenses\[0\] \(trn\) map_from: file not found"):
+        app_args_from_mapping({"restorer": ckpts["restorer"],
+                               "defenses": [{"name": "trn", "map_from": "missing.pt"}]}).with_resolved_paths()

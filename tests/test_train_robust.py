@@ -115,10 +115,10 @@ def test_shipped_robust_restorer_beats_gray_box_net_under_adaptive_pgd() -> None
     test = load_dataset("fashion-mnist", None, "test").subset(128, 7)
     x, y = test.images, test.labels
     accs = {}
-    for name in ("fashion-mnist", "fashion-mnist-robust"):
+    for name in ("fashion-mnist-guard", "fashion-mnist-robust"):
         r = Restorer.pretrained(name)
         pipe = adaptive_pipeline(r, "gconst")
         x_adv = create_attack("pgd", eps=0.1, steps=10, seed=0)(pipe, x, y)
         with torch.no_grad():
             accs[name] = (pipe(x_adv).argmax(1) == y).float().mean().item()
-    assert accs["fashion-mnist-robust"] > accs["fashion-mnist"] + 0.3, accs
+    assert accs["fashion-mnist-robust"] > accs["fashion-mnist-guard"] + 0.3, accs

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from trn.checkpoint import load_checkpoint, save_checkpoint
@@ -84,6 +83,8 @@ class ResNet18(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10,
                  mean: Sequence[float] = (0.4914, 0.4822, 0.4465), std: Sequence[float] = (0.2470, 0.2435, 0.2616)):
         super().__init__()
+        import torchvision  # lazy: importing torchvision pulls in torch._dynamo, seconds on every worker start
+
         net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()

@@ -113,6 +113,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"validation ({r.metadata.get('val_images')} images, PGD-10 on your classifier): restored accuracy "
               f"{h[0]['pgd_restored']:.4f} -> {max(h, key=lambda e: e['score'])['pgd_restored']:.4f}")
     print(f"saved {cfg.out}.safetensors / .json")
+    if cfg.map_from == "downstream":
+        print(f"it reads your classifier's gradient map: use it as {{name: trn, checkpoint: {cfg.out}, "
+              f"map_from: {cfg.classifier}}}")
     return 0
 
 
@@ -195,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sanitize", help="clean a dataset with TRN on Ray Data (folder / parquet / npz)")
     s.add_argument("input", help="image folder, .parquet file/dir with an image-bytes column, or .npz")
     s.add_argument("output", help="output folder (mirrors the input layout) + manifest")
-    s.add_argument("--checkpoint", default="checkpoints/trn_fmnist", help="restorer checkpoint (no suffix)")
+    s.add_argument("--checkpoint", default="checkpoints/trn_fmnist_agnostic",
+                   help="restorer checkpoint (no suffix; default: the downstream-agnostic net)")
     s.add_argument("--address", default=None, help="Ray address: auto | ray://host:10001 (default: local Ray)")
     s.add_argument("--workers", type=int, default=2, help="actor pool size")
     s.add_argument("--batch-size", type=int, default=256)

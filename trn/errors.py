@@ -32,6 +32,10 @@ class CheckpointError(TRNError, OSError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
+class SanitizeError(TRNError, RuntimeError):
+    """A sanitisation job cannot account for every input, OUTPUT belongs to another job, or Ray could not run it."""
+
+
 class RequestError(Exception):
     """A request the service refuses: :mod:`trn.http_api` turns it into a JSON error body with ``status`` (and
     ``headers``, e.g. ``Retry-After``)."""

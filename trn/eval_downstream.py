@@ -6,7 +6,9 @@ restorer saw in training or selection (``held_out``). Attacks are gray-box: craf
 alone (FGSM, PGD-40, CW-L2 at the evaluation's settings, :func:`trn.evaluate.make_attack`), then restored, then
 classified by that same classifier. A transfer table crafts PGD-40 on one classifier (``transfer_source``) and judges
 the restored images with every other one. Fidelity (PSNR/SSIM of restored vs clean, :mod:`trn.fidelity`) sits next to
-accuracy, on clean and attacked inputs, with the attacked inputs' own PSNR for comparison.
+accuracy, on clean and attacked inputs, with the attacked inputs' own PSNR for comparison. A row's gradient map comes
+from the restorer's own guard, or (``map_from: {row: downstream}``) from each column's classifier, as when the
+downstream classifier runs in the same process as the restorer.
 
 Writes ``OUT_DIR/downstream.md``, ``downstream.json`` and ``downstream_heatmap.png``.
 """
@@ -49,6 +51,8 @@ class DownstreamEvalConfig:
         "guard-specific (trn_fmnist)": "checkpoints/trn_fmnist",
         "agnostic (trn_fmnist_agnostic)": "checkpoints/trn_fmnist_agnostic",
     })
+    map_from: dict[str, str] = field(default_factory=dict)  # row name -> "guard" (default) or "downstream": the
+                                                            # gradient map from the column's own classifier
     classifiers: dict[str, str] = field(default_factory=lambda: {  # column name -> classifier file
         "guard": "checkpoints/fmnist_guard", "mlp": "checkpoints/zoo_fmnist_mlp", "cnn": "checkpoints/zoo_fmnist_cnn",
         "bncnn": "checkpoints/zoo_fmnist_bncnn", "resnet": "checkpoints/zoo_fmnist_resnet",
@@ -73,6 +77,11 @@ class DownstreamEvalConfig:
             raise ConfigError(f"held_out names {unknown} are not columns of classifiers {sorted(self.classifiers)}")
         if self.transfer_source is not None and self.transfer_source not in self.classifiers:
             raise ConfigError(f"transfer_source {self.transfer_source!r} is not one of {sorted(self.classifiers)}")
+        bad_map = {k: v for k, v in self.map_from.items()
+                   if k not in self.restorers or v not in ("guard", "downstream")}
+        if bad_map:
+            raise ConfigError(f"map_from maps restorer rows {sorted(self.restorers)} to 'guard' or 'downstream', got "
+                              f"{bad_map}")
         if NONE_ROW in self.restorers:
             raise ConfigError(f"{NONE_ROW!r} is the undefended row's name; pick another")
         if self.n < 1:
@@ -91,8 +100,11 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, device: to
     return hit / max(len(x), 1)
 
 
-def _restore(r: Restorer | None, x: torch.Tensor, bs: int) -> torch.Tensor:
-    return x if r is None else r.restore(x, batch_size=bs)
+def _restore(r: Restorer | None, x: torch.Tensor, bs: int, map_model: nn.Module | None = None) -> torch.Tensor:
+    """``x`` restored by ``r`` (the input itself for the undefended row), the map from ``map_model`` if given."""
+    if r is None:
+        return x
+    return (r if map_model is None else r.with_map_from(map_model)).restore(x, batch_size=bs)
 
 
 def run_downstream_evaluation(cfg: DownstreamEvalConfig) -> DownstreamReport:
@@ -122,18 +134,23 @@ def run_downstream_evaluation(cfg: DownstreamEvalConfig) -> DownstreamReport:
     transfer: dict[str, dict[str, float]] = {}
     for rname, r in rows.items():
         acc[rname], fid[rname] = {}, {}
+        from_downstream = cfg.map_from.get(rname, "guard") == "downstream"
         restored_clean = _restore(r, x, cfg.batch_size)
         for cname, clf in clfs.items():
             acc[rname][cname], fid[rname][cname] = {}, {}
+            map_model = clf if from_downstream else None
+            if from_downstream:
+                restored_clean = _restore(r, x, cfg.batch_size, map_model)
             for k in kinds:
-                xr = restored_clean if k == "clean" else _restore(r, adv[cname][k], cfg.batch_size)
+                xr = restored_clean if k == "clean" else _restore(r, adv[cname][k], cfg.batch_size, map_model)
                 acc[rname][cname][k] = _acc(clf, xr, y, cfg.batch_size, device)
                 fid[rname][cname][k] = {"psnr": psnr_per_image(xr, x).mean().item(),
                                         "ssim": ssim_per_image(xr, x).mean().item()}
         if cfg.transfer_source is not None and "pgd" in cfg.attacks:
-            xr = _restore(r, adv[cfg.transfer_source]["pgd"], cfg.batch_size)
-            transfer[rname] = {c: _acc(clf, xr, y, cfg.batch_size, device) for c, clf in clfs.items()
-                               if c != cfg.transfer_source}
+            src = adv[cfg.transfer_source]["pgd"]
+            transfer[rname] = {c: _acc(clf, _restore(r, src, cfg.batch_size, clf if from_downstream else None), y,
+                                       cfg.batch_size, device)
+                               for c, clf in clfs.items() if c != cfg.transfer_source}
         log.info("row %s done", rname)
     results = {"config": to_dict(cfg), "n": len(x), "accuracy": acc, "fidelity": fid, "transfer": transfer,
                "fidelity_mean": _mean_fidelity(fid, kinds), "seconds": round(time.time() - t0, 1),

@@ -3,8 +3,9 @@
 The fast path of issue 10: start from a shipped restorer (by default the downstream-agnostic one) and fine-tune its
 network for a few thousand images against *your* classifier, with the agnostic recipe (:mod:`trn.train_agnostic`):
 attacks crafted on your classifier, KL consistency on its outputs, fidelity to the clean image. The gradient map
-still comes from the restorer's own guard (``map_from: guard``), so the fitted checkpoint is self-contained (your
-classifier is not copied into it). Minutes on a CPU for Fashion-MNIST-sized data.
+comes from the restorer's own guard (``map_from: guard``), or from your classifier (``map_from: downstream``: then
+deploy it as ``{name: trn, checkpoint: OUT, map_from: YOUR_CLASSIFIER}``); either way your classifier is not copied
+into the checkpoint. Minutes on a CPU for Fashion-MNIST-sized data.
 
 Data: an image folder (one sub-folder per class), an ``.npz`` file (``images`` + ``labels``) or a built-in dataset
 name (``fashion-mnist``: its training split). A validation split is carved from it for the before/after check.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from trn.checkpoint import checkpoint_paths
 from trn.data import ImageDataset, load_dataset
@@ -46,6 +48,8 @@ class FitConfig:
     mse_weight: float = 20.0
     clean_weight: float = 3.0
     eps_max: float = 0.16
+    map_from: Literal["guard", "downstream"] = "guard"  # whose gradient map the fitted net reads: the restorer's
+                                                 # guard, or your classifier (serve it with {name: trn, map_from: ...})
     val_size: int = 500                          # carved from the data: the before/after check
     seed: int = 0
     device: str = "auto"
@@ -101,6 +105,7 @@ def fit(cfg: FitConfig) -> Restorer:
         batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, mse_weight=cfg.mse_weight,
         clean_weight=cfg.clean_weight, eps_max=cfg.eps_max, val_size=cfg.val_size, seed=cfg.seed,
         device=str(device), out=cfg.out, resume=False, select_min_psnr=0.0,
+        map_from="attacked" if cfg.map_from == "downstream" else "guard",
     )
     log.info("fitting %s to %s on %s (%d images)", start, cfg.classifier, data.describe(), cfg.images)
     r = train_agnostic(tcfg, data=data, zoo=[clf])

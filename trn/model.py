@@ -151,6 +151,12 @@ def trn_small_28(**overrides) -> TRN:
     return TRN(TRNConfig(**{"in_channels": 1, "width": 16, "levels": 3, **overrides}))
 
 
+@TRN_VARIANTS.register("trn_base_28")
+def trn_base_28(**overrides) -> TRN:
+    """Grey 28x28 images, wider: width 32, 3 levels (32/64/128 channels), ~0.75M parameters (the agnostic ablation)."""
+    return TRN(TRNConfig(**{"in_channels": 1, "width": 32, "levels": 3, **overrides}))
+
+
 @TRN_VARIANTS.register("trn_base_32")
 def trn_base_32(**overrides) -> TRN:
     """Colour 32x32 images (CIFAR-10, SVHN): width 32, 3 levels (32/64/128 channels), ~0.76M parameters."""

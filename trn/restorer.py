@@ -29,7 +29,10 @@ from trn.weights import resolve_checkpoint
 __all__ = ["CHECKPOINT_DIR", "PRETRAINED", "Restorer"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # the source checkout's; see trn.weights
-PRETRAINED = {"fashion-mnist": "trn_fmnist", "fashion-mnist-robust": "trn_fmnist_robust"}
+# name -> shipped checkpoint. fashion-mnist: the downstream-agnostic net (protects classifiers it never saw, issue 10);
+# fashion-mnist-guard: the guard-specific gray-box net (best for the shipped guard itself); -robust: adaptive attackers.
+PRETRAINED = {"fashion-mnist": "trn_fmnist_agnostic", "fashion-mnist-guard": "trn_fmnist",
+              "fashion-mnist-robust": "trn_fmnist_robust"}
 
 
 class Restorer(nn.Module):
@@ -64,6 +67,22 @@ class Restorer(nn.Module):
     def gradient_map(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         """The estimated gradient map the network reads (see :mod:`trn.gradients`)."""
         return self.estimator(x, self.guard, create_graph=create_graph)
+
+    def with_map_from(self, classifier: nn.Module) -> Restorer:
+        """This restorer (same network, same weights) with its gradient map estimated from ``classifier``.
+
+        For a downstream classifier that runs in the same process (``trn eval-downstream``, ``trn sanitize`` with a
+        local downstream): the map then shows how *that* classifier's loss moves, the direction a gray-box
+        attacker on it followed. ``classifier`` is put in eval mode with its parameters frozen. Nothing is copied;
+        do not :meth:`save` the result (it would bundle ``classifier`` as the guard).
+
+        Example:
+            >>> r = Restorer.pretrained("fashion-mnist").with_map_from(my_classifier)
+        """
+        training = self.net.training
+        r = Restorer(self.net, classifier, self.estimator, self.class_names, {**self.metadata, "map_from": "downstream"})
+        self.net.train(training)  # the shared network keeps its mode
+        return r
 
     def forward(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         """Restore a batch. ``create_graph=True`` keeps the whole pipeline differentiable (adaptive attacks).

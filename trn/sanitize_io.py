@@ -40,10 +40,11 @@ from trn.checkpoint import checkpoint_digest, checkpoint_paths
 from trn.data import _IMAGE_KEYS, _LABEL_KEYS, IMAGE_SUFFIXES, to_float_images
 from trn.defenses.spec import default_defenses, load_defense_spec, map_trn_checkpoints, uses_default_restorer
 from trn.defenses.stack import RestorerStage, build_defense_stack
-from trn.errors import ConfigError, DataError, InputError, TRNError
+from trn.errors import ConfigError, DataError, InputError, SanitizeError, TRNError
 from trn.imageio import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from trn.resize import ResizePolicy, fit_image
 from trn.restorer import Restorer
+from trn.sanitize_parts import PARTS_DIR, assemble_npz, assemble_parquet, list_parts, part_name, read_part, write_part
 
 __all__ = [
     "MANIFEST_NAME",
@@ -80,14 +81,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 SPEC_NAME = "sanitize.json"
-PARTS_DIR = "_parts"  # per-batch pieces of Parquet / npz outputs, written by the workers, assembled at the end
 InputKind = Literal["folder", "parquet", "npz"]
 MANIFEST_FIELDS = ("id", "status", "message", "label", "pred_before", "pred_after", "linf", "l2", "output", "node",
                    "worker")
-
-
-class SanitizeError(TRNError, RuntimeError):
-    """The job cannot account for every input, OUTPUT belongs to another job, or Ray could not run it."""
 
 
 # --------------------------------------------------------------------------------------------- the job
@@ -98,7 +94,7 @@ class SanitizeConfig:
     Attributes:
         input: image folder, ``.parquet`` file or folder of them, or ``.npz`` file.
         output: output folder (created); rerunning with the same folder resumes the job.
-        checkpoint: restorer checkpoint (a path, or a shipped name: ``checkpoints/trn_fmnist`` is found from any
+        checkpoint: restorer checkpoint (a path, or a shipped name: ``checkpoints/trn_fmnist_agnostic`` is found from any
             working directory, see :func:`trn.weights.resolve_checkpoint`).
         workers: actors in the pool; each loads the restorer once.
         batch_size: images per ``map_batches`` call (and per block, so that every actor gets work).
@@ -117,7 +113,7 @@ class SanitizeConfig:
 
     input: str | os.PathLike
     output: str | os.PathLike
-    checkpoint: str | os.PathLike = "checkpoints/trn_fmnist"
+    checkpoint: str | os.PathLike = "checkpoints/trn_fmnist_agnostic"
     workers: int = 2
     batch_size: int = 256
     num_gpus: float | None = None
@@ -538,101 +534,14 @@ def error_row(rid: str, message: str, label: int | None = None) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------------------------- parts
-def _part_name(parts: Path, run: str, tag: str, seq: int, suffix: str) -> Path:
-    return parts / f"part-{run}-{tag}-{seq:06d}{suffix}"
-
-
-def write_part(parts: Path, name: Path, ids: list[str], data: np.ndarray | list[bytes]) -> None:
-    """One batch's ok rows as a part file: npz (``index``, float32 ``images``) or Parquet (``id``, ``png``)."""
-    parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / f".{name.name}.tmp{name.suffix}"
-    if name.suffix == ".npz":
-        np.savez(tmp, index=np.array([int(i) for i in ids], dtype=np.int64),
-                 images=np.asarray(data, dtype=np.float32))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "png": pa.array(list(data), pa.binary())}), tmp)
-    os.replace(tmp, name)
-
-
-def _read_part(part: Path, data: bool = True) -> tuple[list[str], Any]:
-    if part.suffix == ".npz":
-        with np.load(part, allow_pickle=False) as z:
-            return [str(i) for i in z["index"]], z["images"] if data else None
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(part, columns=["id", "png"] if data else ["id"])
-    return t.column("id").to_pylist(), t.column("png").to_pylist() if data else None
-
-
-def _parts(output: Path) -> list[Path]:
-    d = output / PARTS_DIR
-    return sorted(d.glob("part-*")) if d.is_dir() else []  # named by run first: later runs sort (and win) last
-
-
 def present_ids(plan: JobPlan, output: Path) -> set[str]:
     """Ids whose output data exists (a manifest ok row without its data is redone)."""
     if plan.kind == "folder":
         return {i for i, rel in plan.outputs.items() if (output / rel).is_file()}
     ids: set[str] = set()
-    for part in _parts(output):
-        ids.update(_read_part(part, data=False)[0])
+    for part in list_parts(output):
+        ids.update(read_part(part, data=False)[0])
     return ids
-
-
-def _latest(output: Path, ok: set[str]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for part in _parts(output):
-        ids, values = _read_part(part)
-        for rid, v in zip(ids, values):
-            if rid in ok:
-                data[rid] = v
-    lost = sorted(ok - data.keys())
-    if lost:
-        raise SanitizeError(f"{len(lost)} rows are ok in the manifest but their data is missing from "
-                            f"{output / PARTS_DIR} (e.g. {lost[:3]}); rerun the same command to redo them")
-    return data
-
-
-def assemble_npz(output: Path, name: str, ok: Sequence[str], labels: np.ndarray, class_names: Sequence[str],
-                 shape: tuple[int, int, int]) -> Path:
-    """Write ``OUTPUT/name``: float32 ``images`` and ``labels`` of the ok rows in input order, their ``index``."""
-    data = _latest(output, set(ok))
-    index = np.array(sorted(int(i) for i in ok), dtype=np.int64)
-    images = np.stack([data[str(i)] for i in index]) if len(index) else np.zeros((0, *shape), np.float32)
-    dest = output / name
-    tmp = output / f".{name}.tmp.npz"
-    np.savez(tmp, images=images.astype(np.float32, copy=False), labels=np.asarray(labels)[index].astype(np.int64),
-             class_names=np.array(list(class_names), dtype=str), index=index)
-    os.replace(tmp, dest)
-    return dest
-
-
-def assemble_parquet(output: Path, sources: dict[str, str], ok: Sequence[str], image_column: str) -> list[Path]:
-    """Mirror each source Parquet file under OUTPUT with its ok rows (order kept) and the cleaned PNG bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    data = _latest(output, set(ok))
-    by_file: dict[str, list[int]] = {}
-    for rid in ok:
-        rel, k = rid.rsplit(":", 1)
-        by_file.setdefault(rel, []).append(int(k))
-    written = []
-    for rel, keep in by_file.items():
-        keep.sort()
-        table = pq.read_table(sources[rel]).take(pa.array(keep, pa.int64()))
-        pngs = pa.array([data[f"{rel}:{k}"] for k in keep], pa.binary())
-        table = table.set_column(table.schema.get_field_index(image_column), image_column, pngs)
-        dest = output / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, dest)
-        written.append(dest)
-    return written
 
 
 # --------------------------------------------------------------------------------------------- restoring
@@ -784,7 +693,7 @@ class BatchRestorer:
             return
         self._seq += 1
         suffix = ".npz" if self.kind == "npz" else ".parquet"
-        name = _part_name(self.output / PARTS_DIR, self.run, f"{self.worker}-{time.time_ns() % 10**9:09d}",
+        name = part_name(self.output / PARTS_DIR, self.run, f"{self.worker}-{time.time_ns() % 10**9:09d}",
                           self._seq, suffix)
         data: np.ndarray | list[bytes] = np.stack(images) if self.kind == "npz" else [encode_png(a) for a in images]
         write_part(self.output / PARTS_DIR, name, ids, data)
@@ -812,7 +721,15 @@ def prepare_defenses(defenses: Any, restorer: Restorer) -> list[dict[str, Any]]:
             raise ConfigError(f"--defenses: defence #{i} (trn): checkpoint file not found: {t}")
         return str(t.resolve().with_suffix(""))
 
+    def resolve_classifier(i: int, path: str) -> str:
+        p = Path(path).expanduser()
+        for c in (p, Path(str(p) + ".safetensors")):
+            if c.is_file():
+                return str(p.resolve())
+        raise ConfigError(f"--defenses: defence #{i} (trn): map_from classifier not found: {p}")
+
     spec = map_trn_checkpoints(spec, resolve)
+    spec = map_trn_checkpoints(spec, resolve_classifier, key="map_from")  # actors read it: absolute paths
     try:
         stack = build_stack(spec, restorer)
     except ConfigError as e:

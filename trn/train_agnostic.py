@@ -5,15 +5,18 @@ the guard classifies like the clean one, so it learns to redraw inputs as the gu
 must give back the *clean image*, for classifiers it never saw:
 
 * **zoo**: classifiers of different families (``zoo``: checkpoint / TorchScript / export files). Each attacked chunk
-  of a batch is crafted against one member drawn at random (``attack_target: random``) or against the zoo's mean
-  logits (``ensemble``), with an attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2);
+  of a batch is crafted against one member drawn at random (``attack_target: random``), against the zoo's mean
+  logits (``ensemble``: the perturbations that transfer best, Liu et al. 2017), or either (``mixed``), with an attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2);
 * **fidelity**: ``L1 + mse_weight * MSE`` to the clean image, with the clean chunks weighted ``clean_weight`` times
   (clean images must come back untouched, >= 32 dB);
 * **consistency**: ``kl_weight * mean_m KL(m(clean) || m(restored))`` averaged over the zoo members ``m``: what is
   left of the perturbation must not move any of them;
-* **gradient map**: always from the restorer's own guard (``map_from: guard``), the one classifier that ships inside
-  the checkpoint, so the map the network reads at inference comes from the same model as in training whatever the
-  downstream classifier is. The guard is a zoo member as well.
+* **gradient map**: from the restorer's own guard (``map_from: guard``), the one classifier that ships inside the
+  checkpoint, so the map the network reads at inference comes from the same model as in training whatever the
+  downstream classifier is; or from the member each chunk was attacked on (``attacked``: clean and ensemble chunks
+  take a random member's), which teaches the network to read *any* classifier's map, for deployments where the
+  downstream classifier runs in-process and the map can come from it (:meth:`Restorer.with_map_from`); or either
+  per chunk (``mixed``), for a net that serves both. Validation scores the view(s) the net is trained for.
 
 Model selection uses a validation split carved from the *training* set (``val_size`` images held out of training):
 after each epoch the net is scored by the zoo members' mean accuracy on restored clean and restored PGD-10 images
@@ -71,8 +74,11 @@ class AgnosticTrainConfig:
     data_dir: str | None = None
     zoo: list[str] = field(default_factory=lambda: [                 # classifiers the restorer trains against
         "checkpoints/fmnist_guard", "checkpoints/zoo_fmnist_mlp", "checkpoints/zoo_fmnist_cnn"])
-    attack_target: Literal["random", "ensemble"] = "random"          # per chunk: one member, or the zoo's mean logits
-    map_from: Literal["guard"] = "guard"                             # the gradient map comes from the restorer's guard
+    attack_target: Literal["random", "ensemble", "mixed"] = "random"  # per chunk: one member, the zoo's mean logits,
+                                                                      # or either (each option equally likely)
+    map_from: Literal["guard", "attacked", "mixed"] = "guard"        # whose gradient map each chunk's restoration
+                                                                      # reads: the restorer's guard, the member the
+                                                                      # chunk was attacked on, or either (per chunk)
     guard: str = "checkpoints/fmnist_guard"   # used only without init_from (init_from brings its own guard)
     arch: str = "trn_small_28"
     estimator_mode: str = "hybrid"
@@ -155,28 +161,55 @@ def _attack(name: str, eps: float, cfg: AgnosticTrainConfig, rng: random.Random)
     return create_attack(name, eps=eps, steps=cfg.attack_steps, seed=rng.randrange(2**31))
 
 
+def _chunks(n: int, cfg: AgnosticTrainConfig) -> list[slice]:
+    return list(batches(n, -(-n // cfg.chunks)))
+
+
 def make_zoo_batch(zoo: list[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: AgnosticTrainConfig,
-                   rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                   rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int]]:
     """Attack all but ``clean_chunks`` chunks of ``x``, each against a drawn zoo member (or the ensemble).
 
     Returns:
-        (x_in, is_clean, tags): the batch to restore, a (B,) bool mask of untouched images, a tag per chunk.
+        (x_in, is_clean, tags, sources): the batch to restore, a (B,) bool mask of untouched images, a tag per chunk,
+        and per chunk the index of the member it was attacked on (``len(zoo)``: the ensemble; -1: clean).
     """
     x_in, is_clean, tags = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device), []
-    for i, s in enumerate(batches(len(x), -(-len(x) // cfg.chunks))):
+    sources: list[int] = []
+    for i, s in enumerate(_chunks(len(x), cfg)):
         if i < cfg.clean_chunks:
             is_clean[s] = True
             tags.append("clean")
+            sources.append(-1)
             continue
         if cfg.attack_target == "ensemble":
-            target, who = Ensemble(zoo), "ens"
+            j = len(zoo)  # index len(zoo) stands for the ensemble
         else:
-            j = rng.randrange(len(zoo))
-            target, who = zoo[j], f"m{j}"
+            j = rng.randrange(len(zoo) + (cfg.attack_target == "mixed"))
+        target, who = (zoo[j], f"m{j}") if j < len(zoo) else (Ensemble(zoo), "ens")
         name, eps = rng.choice(cfg.attacks), rng.uniform(cfg.eps_min, cfg.eps_max)
         x_in[s] = _attack(name, eps, cfg, rng)(target, x[s], y[s])
         tags.append(f"{name}@{eps:.3f}/{who}")
-    return x_in, is_clean, tags
+        sources.append(j)
+    return x_in, is_clean, tags, sources
+
+
+def restore_zoo_batch(restorer: Restorer, zoo: list[nn.Module], x_in: torch.Tensor, sources: list[int],
+                      cfg: AgnosticTrainConfig, rng: random.Random) -> torch.Tensor:
+    """Restore ``x_in`` chunk by chunk, each with the gradient map ``cfg.map_from`` picks (see the module doc).
+
+    Shape:
+        x_in: (B, C, H, W), cut into the chunks of :func:`make_zoo_batch` -> (B, C, H, W)
+    """
+    if cfg.map_from == "guard" or not restorer.net.cfg.two_stream:
+        return restorer(x_in)
+    out = []
+    for s, j in zip(_chunks(len(x_in), cfg), sources, strict=True):
+        if cfg.map_from == "mixed" and rng.random() < 0.5:
+            source = restorer.guard
+        else:
+            source = zoo[j] if 0 <= j < len(zoo) else zoo[rng.randrange(len(zoo))]  # clean / ensemble: any member
+        out.append(restorer.net(x_in[s], restorer.estimator(x_in[s], source)))
+    return torch.cat(out)  # (B, C, H, W), chunks in order
 
 
 def agnostic_loss(restored: torch.Tensor, clean: torch.Tensor, is_clean: torch.Tensor, zoo: list[nn.Module],
@@ -205,30 +238,50 @@ def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
 
 @torch.no_grad()
 def validate_restorer(restorer: Restorer, zoo: list[nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int = 10,
-                      eps: float = 0.1, batch_size: int = 500) -> dict[str, float]:
+                      eps: float = 0.1, batch_size: int = 500, map_from: str = "guard") -> dict[str, float]:
     """Mean over ``zoo`` of accuracy on restored clean / restored PGD images (crafted on each member) + PSNR.
+
+    ``map_from="downstream"`` restores each member's images with the map estimated from that member.
 
     Returns:
         ``clean_restored``, ``pgd_restored``, ``pgd`` (undefended), ``psnr_clean`` and ``psnr_pgd_restored`` /
         ``psnr_pgd`` (restored / attacked vs clean), and ``score`` = clean_restored + pgd_restored (what selects).
     """
     acc = {k: [] for k in ("clean_restored", "pgd", "pgd_restored")}
-    ps_adv, ps_rest = [], []
-    x_rest = torch.cat([restorer(x[s]) for s in batches(len(x), batch_size)])
-    psnr_clean = psnr_per_image(x_rest, x).mean().item()
+    ps_adv, ps_rest, ps_clean = [], [], []
     atk = create_attack("pgd", eps=eps, steps=steps, seed=1)
+    x_rest = None
     for m in zoo:
+        r = restorer.with_map_from(m) if map_from == "downstream" else restorer
+        if x_rest is None or map_from == "downstream":
+            x_rest = torch.cat([r(x[s]) for s in batches(len(x), batch_size)])
+            ps_clean.append(psnr_per_image(x_rest, x).mean().item())
         x_adv = torch.cat([atk(m, x[s], y[s]) for s in batches(len(x), batch_size)])
-        r_adv = torch.cat([restorer(x_adv[s]) for s in batches(len(x), batch_size)])
+        r_adv = torch.cat([r(x_adv[s]) for s in batches(len(x), batch_size)])
         acc["clean_restored"].append(_hits(m, x_rest, y, batch_size))
         acc["pgd"].append(_hits(m, x_adv, y, batch_size))
         acc["pgd_restored"].append(_hits(m, r_adv, y, batch_size))
         ps_adv.append(psnr_per_image(x_adv, x).mean().item())
         ps_rest.append(psnr_per_image(r_adv, x).mean().item())
     out = {k: sum(v) / len(v) for k, v in acc.items()}
-    out.update(psnr_clean=psnr_clean, psnr_pgd=sum(ps_adv) / len(ps_adv), psnr_pgd_restored=sum(ps_rest) / len(ps_rest))
+    out.update(psnr_clean=sum(ps_clean) / len(ps_clean), psnr_pgd=sum(ps_adv) / len(ps_adv), psnr_pgd_restored=sum(ps_rest) / len(ps_rest))
     out["score"] = out["clean_restored"] + out["pgd_restored"]
     return out
+
+
+def _validate(restorer: Restorer, zoo: list[nn.Module], val: ImageDataset, cfg: AgnosticTrainConfig,
+              device: torch.device) -> dict[str, float]:
+    """:func:`validate_restorer` in the view(s) ``cfg.map_from`` trains for; ``mixed`` scores the mean of both views
+    (the downstream-map view's figures under ``*_dsmap`` keys) and keeps the lower clean PSNR."""
+    x, y = val.images.to(device), val.labels.to(device)
+    if cfg.map_from == "guard" or not restorer.net.cfg.two_stream:
+        return validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps)
+    ds = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps, map_from="downstream")
+    if cfg.map_from == "attacked":
+        return ds
+    g = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps)
+    return {**g, **{f"{k}_dsmap": v for k, v in ds.items()}, "score": (g["score"] + ds["score"]) / 2,
+            "psnr_clean": min(g["psnr_clean"], ds["psnr_clean"])}
 
 
 def _build_restorer(cfg: AgnosticTrainConfig, c: int, device: torch.device) -> tuple[Restorer, dict]:
@@ -310,7 +363,7 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
     start, history = _load_state(cfg, net, opt, device)
     if start == 0:  # score the starting point too: an epoch must beat it to be kept
         net.eval()
-        v0 = validate_restorer(restorer, zoo, val.images.to(device), val.labels.to(device), cfg.val_attack_steps)
+        v0 = _validate(restorer, zoo, val, cfg, device)
         history.append({"epoch": 0, **v0})
         log.info("epoch 0 (start) val: %s", {k: round(v, 4) for k, v in v0.items()})
         restorer.save(cfg.out, config=to_dict(cfg), history=history, selected_epoch=0, **init,
@@ -325,10 +378,10 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
         bar = tqdm(batches(per_epoch, cfg.batch_size), total=steps_per_epoch, desc=f"agnostic {epoch + 1}/{cfg.epochs}")
         for s in bar:
             x, y = train.images[perm[s]].to(device), train.labels[perm[s]].to(device)
-            x_in, is_clean, _ = make_zoo_batch(zoo, x, y, cfg, rng)
+            x_in, is_clean, _, sources = make_zoo_batch(zoo, x, y, cfg, rng)
             with torch.no_grad():
                 clean_logp = [F.log_softmax(m(x), 1) for m in zoo]
-            restored = restorer(x_in)  # the gradient map comes from the restorer's guard (map_from: guard)
+            restored = restore_zoo_batch(restorer, zoo, x_in, sources, cfg, rng)
             loss, parts = agnostic_loss(restored, x, is_clean, zoo, clean_logp, cfg)
             for group in opt.param_groups:  # cosine decay, a pure function of the step (resume-safe)
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
@@ -338,7 +391,7 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
             step += 1
             bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
         net.eval()
-        v = validate_restorer(restorer, zoo, val.images.to(device), val.labels.to(device), cfg.val_attack_steps)
+        v = _validate(restorer, zoo, val, cfg, device)
         history.append({"epoch": epoch + 1, **v})
         log.info("epoch %d val (%d images): %s", epoch + 1, len(val), {k: round(x, 4) for k, x in v.items()})
         best = max(history, key=lambda h: (h["psnr_clean"] >= cfg.select_min_psnr, h["score"]))

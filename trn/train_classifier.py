@@ -67,7 +67,8 @@ class ClassifierTrainConfig:
     arch_kwargs: dict = field(default_factory=dict)
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 0.05                    # SGD + Nesterov momentum, one-cycle schedule
+    lr: float = 0.05                    # peak learning rate of the one-cycle schedule
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: Nesterov momentum 0.9; adamw: for attention models (zoo_vit)
     weight_decay: float = 5e-4
     augment: bool = True                # random 2-pixel shifts + horizontal flips (both label-preserving here)
     seed: int = 0
@@ -134,6 +135,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor
     x = xp[..., dy : dy + h, dx : dx + w]
     flip = torch.rand(b, generator=gen) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+
+
+def make_optimizer(cfg: ClassifierTrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (CNNs) or AdamW (transformers train poorly with plain SGD at these budgets)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
 
 def split_validation(train: ImageDataset, val_size: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
@@ -272,7 +280,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     if cfg.arch == "small_cnn":
         arch_kwargs.setdefault("image_size", h)
     model = create_classifier(cfg.arch, **arch_kwargs).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, model)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     attack = None

@@ -3,6 +3,9 @@
 A spec is the list :mod:`trn.defenses.stack` composes, e.g.
 ``[{name: jpeg, quality: 50}, {name: trn, checkpoint: checkpoints/trn_fmnist}, {name: gcm}]``: input-side stages
 (``jpeg``, ``bit_depth``, ``median``, ``gaussian_blur``, ``trn``) first, then classifier wrappers (``gcm``, ``unig``).
+A ``trn`` entry's ``map_from: CLASSIFIER`` (trn checkpoint, TorchScript or ``torch.export`` file) estimates its
+gradient map from that classifier instead of the restorer's guard: the downstream classifier itself, when it runs
+where the restorer runs (on a cluster the file must be on a shared filesystem, like the job's data).
 This module adds what a distributed job or a service needs on top of :mod:`trn.defenses.stack` (no Ray here):
 
 * reading the spec from a YAML file or an inline YAML/JSON string (the CLI's ``--defenses SPEC``);
@@ -139,20 +142,22 @@ def uses_default_restorer(spec: Sequence[dict[str, Any]]) -> bool:
     return any(e["name"] == "trn" and e.get("checkpoint") is None for e in spec)
 
 
-def map_trn_checkpoints(spec: Sequence[dict[str, Any]], fn: Callable[[int, str], str]) -> list[dict[str, Any]]:
-    """A copy of ``spec`` with each ``trn`` entry's checkpoint replaced by ``fn(index, checkpoint)``.
+def map_trn_checkpoints(spec: Sequence[dict[str, Any]], fn: Callable[[int, str], str],
+                        key: str = "checkpoint") -> list[dict[str, Any]]:
+    """A copy of ``spec`` with each ``trn`` entry's ``key`` path (its ``checkpoint``, or the ``map_from``
+    classifier) replaced by ``fn(index, path)``.
 
     Raises:
-        ConfigError: a ``checkpoint`` that is not a string.
+        ConfigError: a path that is not a string.
     """
     out = []
     for i, entry in enumerate(spec):
         entry = dict(entry)
-        ckpt = entry.get("checkpoint")
-        if entry["name"] == "trn" and ckpt is not None:
-            if not isinstance(ckpt, str) or not ckpt:
-                raise ConfigError(f"defence #{i} (trn): checkpoint must be a path, got {ckpt!r}")
-            entry["checkpoint"] = fn(i, ckpt)
+        path = entry.get(key)
+        if entry["name"] == "trn" and path is not None:
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"defence #{i} (trn): {key} must be a path, got {path!r}")
+            entry[key] = fn(i, path)
         out.append(entry)
     return out
 

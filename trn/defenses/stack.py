@@ -70,7 +70,7 @@ _ALIASES = {
     "bitdepth": "bit_depth", "bit_depth_reduction": "bit_depth", "median_smoothing": "median", "median_blur": "median",
     "blur": "gaussian_blur", "gaussian": "gaussian_blur", "restorer": "trn", "random_noise": "rnd", "noise": "rnd",
 }
-_TRN_PARAMS = ("checkpoint", "bpda")
+_TRN_PARAMS = ("checkpoint", "bpda", "map_from")
 _UNIG_EXTRA = ("reference_dataset", "reference_data_dir")
 
 
@@ -207,6 +207,18 @@ def _load_restorer(i: int, params: dict[str, Any], restorer: nn.Module | None,
         restorer = Restorer.load(path, device)
     elif restorer is None:
         raise ConfigError(f"defence #{i} (trn): give 'checkpoint: PATH' (a saved Restorer) or pass restorer=")
+    map_from = params.get("map_from")
+    if map_from is not None:  # the gradient map from an in-process downstream classifier, not the restorer's guard
+        if not isinstance(map_from, (str, os.PathLike)) or not str(map_from):
+            raise ConfigError(f"defence #{i} (trn): map_from must be a classifier file, got {map_from!r}")
+        net_cfg = getattr(getattr(restorer, "net", None), "cfg", None)
+        if not getattr(net_cfg, "two_stream", False) or not hasattr(restorer, "with_map_from"):
+            raise ConfigError(f"defence #{i} (trn): map_from needs a two-stream restorer (this one reads no gradient "
+                              "map)")
+        from trn.downstream import load_downstream
+
+        classifier = load_downstream(map_from, tuple(restorer.image_shape), len(restorer.class_names), device)
+        restorer = restorer.with_map_from(classifier)
     return _construct(i, "trn", RestorerStage, restorer, bpda=params.get("bpda", False))
 
 

@@ -3,12 +3,14 @@
     python benchmarks/bench_query_attack.py --images 10 --queries 100          # a quick look (minutes on 2 cores)
     python benchmarks/bench_query_attack.py                                     # issue 12: 100 images, 2,500 queries
     python benchmarks/bench_query_attack.py --tiny --images 4 --queries 20      # untrained tiny model: the script works
+    python benchmarks/bench_query_attack.py --cells detect:full:square,detect:full:square_sybil   # the detector
 
 The service runs on loopback exactly as ``trn serve`` runs it (Ray Serve, TRN -> guard), one application per defence:
 ``none`` (TRN alone), ``aaa`` (AAA score post-processing: margin reversed, top-1 probability kept), ``aaa_c`` (AAA
 with the top-1 log-odds reversed too, ``confidence_interval: 0.5``), ``rnd`` (RND input noise after TRN, seeded per image) and
-``unig`` (UniG in its serving mode: per-request, reference images from the training set). Each app allows ``full``
-output; each cell asks for its output policy per request (``?output=...``), as a client may.
+``unig`` (UniG in its serving mode: per-request, reference images from the training set) and ``detect`` (TRN alone
+behind the similar-query detector, ``app.query_detector`` at its defaults: :mod:`trn.query_detector`). Each app allows
+``full`` output; each cell asks for its output policy per request (``?output=...``), as a client may.
 
 Attacks (the attacker only talks HTTP, one ``POST /v1/classify/batch`` carries every image of one attack step):
 
@@ -19,6 +21,14 @@ Attacks (the attacker only talks HTTP, one ``POST /v1/classify/batch`` carries e
 * adaptive variants: ``square_eot`` averages the probabilities of ``--eot`` jittered copies of each candidate
   (+-2.5/255 noise: a new image at 8-bit precision, hence a fresh RND / UniG draw) at ``--eot`` queries per step,
   against the randomised defences; ``square_top1`` minimises the top-1 log-odds instead of the margin (the loss AAA does not reshape).
+
+Against ``detect`` (a stateful defence keyed by API key) the attacker gives every image its own API key (a single key
+for all images would be refused at its second step), sends one request per key and step, and takes a refusal (429 /
+403) as the end of that image's attack: the image keeps its last accepted state. ``square_sybil`` is the adaptive
+attacker against per-account state: each image moves to a fresh API key every ``max_similar`` queries, so no key ever
+shows more than ``max_similar - 1`` matching queries. The clean predictions and the final check come from evaluator
+keys of their own; the false-positive rate is the fraction of the ``--ece-images`` clean test images refused when one
+benign client sends them all, one image per request.
 
 Per cell: clean accuracy (on ``--ece-images`` test images, the same set for every cell), robust accuracy on the first
 ``--images`` test images (an image counts as robust when the service still labels the attack's final image
@@ -55,7 +65,9 @@ DEFENCES = {
     "aaa_c": ["trn", {"name": "aaa", "confidence_interval": 0.5}],
     "rnd": ["trn", {"name": "rnd", "std": 0.02}],
     "unig": ["trn", {"name": "unig", "reference_dataset": "fashion-mnist", "num_reference": 4}],
+    "detect": ["trn"],
 }
+DETECTORS = {"detect": {}}  # app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
 POLICIES = {"full": {"output": "full"}, "top_k": {"output": "top_k", "k": 3},
             "rounded": {"output": "rounded", "decimals": 2}, "label": {"output": "label"}}
 RANDOMISED = ("rnd", "unig")
@@ -68,40 +80,88 @@ class HttpModel:
     Scores are ``log(p + 1e-12)`` of the returned probabilities (missing classes: p = 0; label-only: one-hot).
     ``eot`` > 1 averages the probabilities of ``eot`` jittered copies of each image (a new image each: fresh noise).
     ``loss = "top1"`` returns scores whose margin is the top-1 log-odds (p1 / (1 - p1)), for an attacker who ignores
-    the runner-up. Counts HTTP requests and image queries.
+    the runner-up. Counts HTTP requests and image queries. ``api_key``: the ``x-api-key`` of every request.
+
+    Per-image keys (``key_of``, against a stateful defence): each queried image is traced back to the attacked image
+    it perturbs (``origins``, the nearest in Linf, within ``eps``), its requests carry ``key_of(image index, queries
+    answered for it so far)``, one request per key and call, sent concurrently. A 429 / 403 stops that image: it is
+    never sent again and gets a one-hot of its label ``labels`` (a candidate the attack does not keep).
     """
 
     def __init__(self, client, url: str, params: dict, names: list[str], eot: int = 1, loss: str = "margin",
-                 chunk: int = 512, seed: int = 0) -> None:
+                 chunk: int = 512, seed: int = 0, api_key: str | None = None, origins: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, key_of=None, eps: float = 0.0) -> None:
         self.client, self.url, self.params = client, url, params
         self.names, self.num_classes = list(names), len(names)
         self.eot, self.loss, self.chunk = eot, loss, chunk
-        self.requests = self.queries = 0
+        self.requests = self.queries = self.refused = 0
         self.gen = torch.Generator().manual_seed(seed)
+        self.api_key, self.origins, self.labels, self.key_of, self.eps = api_key, origins, labels, key_of, eps
+        n = 0 if origins is None else len(origins)
+        self.answered, self.stopped = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+        self.keys: set[str] = set()
+
+    def _post(self, x: torch.Tensor, key: str | None):
+        buf = io.BytesIO()
+        np.savez(buf, images=x.detach().cpu().float().numpy())
+        headers = {"Content-Type": "application/x-npz", **({"x-api-key": key} if key else {})}
+        return self.client.post(self.url, params=self.params, content=buf.getvalue(), headers=headers)
+
+    def _parse(self, r) -> list[torch.Tensor]:
+        out = []
+        for res in r.json()["results"]:
+            p = torch.zeros(self.num_classes, dtype=torch.float64)
+            if res["probabilities"] is None:
+                p[res["index"]] = 1.0
+            else:
+                for idx_name, v in res["probabilities"].items():
+                    p[self.names.index(idx_name)] = float(v)
+            p[res["index"]] += 1e-9  # the returned label wins ties among rounded probabilities
+            out.append(p)
+        return out
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C) returned probabilities (one HTTP request per ``chunk`` images)."""
+        """(B, C) returned probabilities (one HTTP request per ``chunk`` images, or per key and call with
+        ``key_of``)."""
+        if self.key_of is not None:
+            return self._keyed_probabilities(x)
         out = []
         for i in range(0, len(x), self.chunk):
-            xb = x[i : i + self.chunk].detach().cpu().float().numpy()
-            buf = io.BytesIO()
-            np.savez(buf, images=xb)
-            r = self.client.post(self.url, params=self.params, content=buf.getvalue(),
-                                 headers={"Content-Type": "application/x-npz"})
+            r = self._post(x[i : i + self.chunk], self.api_key)
             self.requests += 1
-            self.queries += len(xb)
+            self.queries += len(x[i : i + self.chunk])
             if r.status_code != 200:
                 raise RuntimeError(f"service answered {r.status_code}: {r.text[:300]}")
-            for res in r.json()["results"]:
-                p = torch.zeros(self.num_classes, dtype=torch.float64)
-                if res["probabilities"] is None:
-                    p[res["index"]] = 1.0
-                else:
-                    for idx_name, v in res["probabilities"].items():
-                        p[self.names.index(idx_name)] = float(v)
-                p[res["index"]] += 1e-9  # the returned label wins ties among rounded probabilities
-                out.append(p)
+            out += self._parse(r)
         return torch.stack(out)
+
+    def _keyed_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        dist, owner = (x.detach().cpu()[:, None] - self.origins[None]).abs().flatten(2).amax(2).min(1)  # (B,)
+        if (dist > self.eps + 1e-5).any():
+            raise RuntimeError(f"a query lies {float(dist.max()):.3f} (Linf) from every attacked image")
+        out = torch.zeros(len(x), self.num_classes, dtype=torch.float64)
+        out[torch.arange(len(x)), self.labels[owner]] = 1.0  # stopped images: "as correct as can be"
+        groups: dict[str, list[int]] = {}
+        for i, o in enumerate(owner.tolist()):
+            if not self.stopped[o]:
+                groups.setdefault(self.key_of(o, int(self.answered[o])), []).append(i)
+        self.keys.update(groups)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda kv: (kv[1], self._post(x[kv[1]], kv[0])), groups.items()))
+        for idx, r in answers:
+            self.requests += 1
+            if r.status_code in (403, 429):  # this client may query no more: the attack on its image(s) ends
+                self.refused += 1
+                self.stopped[owner[idx]] = True
+                continue
+            if r.status_code != 200:
+                raise RuntimeError(f"service answered {r.status_code}: {r.text[:300]}")
+            out[idx] = torch.stack(self._parse(r))
+            self.queries += len(idx)
+            self.answered[owner[idx]] += 1
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.eot > 1:
@@ -195,31 +255,64 @@ def _ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return expected_calibration_error(probs.numpy(), labels.numpy())
 
 
+def false_positive_rate(client, url: str, params: dict, x: torch.Tensor, key: str) -> tuple[float, int]:
+    """(fraction of the images refused (429 / 403), requests) when one benign client sends ``x``, one per request."""
+    refused = 0
+    for i in range(len(x)):
+        buf = io.BytesIO()
+        np.savez(buf, images=x[i : i + 1].numpy())
+        r = client.post(url, params=params, content=buf.getvalue(),
+                        headers={"Content-Type": "application/x-npz", "x-api-key": key})
+        if r.status_code in (403, 429):
+            refused += 1
+        elif r.status_code != 200:
+            raise RuntimeError(f"service answered {r.status_code}: {r.text[:300]}")
+    return refused / max(1, len(x)), len(x)
+
+
 def run_cell(cell: Cell, client, base: str, data: dict, args: argparse.Namespace, names: list[str]) -> dict:
     from trn.attacks import Square
+    from trn.serve_config import QueryDetectorArgs
 
     url = f"{base}/{cell.defence}/v1/classify/batch"
     params = POLICIES[cell.policy]
     t0 = time.perf_counter()
-    clean_model = HttpModel(client, url, params, names)
-    pe = clean_model.probabilities(data["ece_x"])
+    tag = f"{cell.defence}-{cell.policy}-{cell.attack}"  # keys of this cell: the detector remembers other cells'
+
+    def evaluator(name: str) -> HttpModel:  # a trusted client, a key per pass (never the attacker's)
+        return HttpModel(client, url, params, names, api_key=f"{tag}-eval-{name}")
+
+    fp_rate = fp_requests = None
+    if cell.defence in DETECTORS:
+        fp_rate, fp_requests = false_positive_rate(client, url, params, data["ece_x"], f"{tag}-benign")
+    ece_model = evaluator("ece")
+    pe = ece_model.probabilities(data["ece_x"])
     clean_acc = float((pe.argmax(1) == data["ece_y"]).float().mean())
     ece = None if cell.policy == "label" else _ece(pe, data["ece_y"])
     x, y = data["x"], data["y"]
+    clean_model = evaluator("clean")
     pred = clean_model.probabilities(x).argmax(1)
     correct = (pred == y).nonzero().squeeze(1)
     eot = args.eot if cell.attack == "square_eot" else 1
-    model = HttpModel(client, url, params, names, eot=eot, loss="top1" if cell.attack == "square_top1" else "margin",
-                      seed=args.seed)
     xs, ys = x[correct], y[correct]
+    keyed: dict = {}
+    if cell.defence in DETECTORS:  # a key per attacked image (square_sybil: a new one every max_similar queries)
+        k = QueryDetectorArgs(**DETECTORS[cell.defence]).max_similar
+        rotate = cell.attack == "square_sybil"
+        keyed = {"origins": xs, "labels": ys, "eps": args.eps,
+                 "key_of": lambda i, n: f"{tag}-attacker-{i}" + (f"-{n // max(1, k)}" if rotate else "")}
+    model = HttpModel(client, url, params, names, eot=eot, loss="top1" if cell.attack == "square_top1" else "margin",
+                      seed=args.seed, **keyed)
     if cell.attack.startswith("square"):
         atk = Square(eps=args.eps, queries=max(1, args.queries // eot), p_init=args.p_init, seed=args.seed)
         x_adv = atk(model, xs, ys)
-        used = atk.last_queries * eot
+        used = model.answered * eot if keyed else atk.last_queries * eot
     else:
         x_adv, used = rays(model, xs, ys, args.eps, args.queries)
+        used = model.answered if keyed else used
     assert (x_adv - xs).abs().max() <= args.eps + 1e-6
-    final = clean_model.probabilities(x_adv).argmax(1) if len(xs) else torch.zeros(0, dtype=torch.long)
+    final_model = evaluator("final")
+    final = final_model.probabilities(x_adv).argmax(1) if len(xs) else torch.zeros(0, dtype=torch.long)
     still = final == ys
     broken = (~still).nonzero().squeeze(1)
     row = {
@@ -229,8 +322,12 @@ def run_cell(cell: Cell, client, base: str, data: dict, args: argparse.Namespace
         "robust_acc": round(100 * int(still.sum()) / len(x), 2),
         "median_queries_broken": statistics.median(used[broken].tolist()) if len(broken) else None,
         "ece": None if ece is None else round(ece, 4),
-        "http_requests": model.requests + clean_model.requests, "image_queries": model.queries,
-        "queries_budget": args.queries, "eot": eot, "seconds": round(time.perf_counter() - t0, 1),
+        "http_requests": model.requests + ece_model.requests + clean_model.requests + final_model.requests,
+        "image_queries": model.queries, "queries_budget": args.queries, "eot": eot,
+        "attacker_keys": len(model.keys) if keyed else None, "refused_requests": model.refused if keyed else None,
+        "images_stopped": int(model.stopped.sum()) if keyed else None,
+        "benign_refused_pct": None if fp_rate is None else round(100 * fp_rate, 2), "benign_images": fp_requests,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     log.info("%s", row)
     return row
@@ -250,6 +347,14 @@ def _write(rows: list[dict], out: Path, meta: dict) -> None:
         lines.append(f"| {r['defence']} | {r['policy']} | {r['attack']}{' x' + str(r['eot']) if r['eot'] > 1 else ''}"
                      f" | {r['clean_acc_ece_set']:.2f} | {r['robust_acc']:.1f} | {mq} | {ece} | "
                      f"{r['http_requests']} | {r['seconds']:.0f} |")
+    detected = [r for r in rows if r.get("attacker_keys") is not None]
+    if detected:
+        lines += ["", "Stateful detector (a key per attacked image; square_sybil: a new key every max_similar queries):",
+                  "", "| defence | attack | attacker keys | images stopped | refused requests | benign refused % (of N) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['defence']} | {r['attack']} | {r['attacker_keys']} | {r['images_stopped']} | "
+                  f"{r['refused_requests']} | {r['benign_refused_pct']:.2f} (of {r['benign_images']}) |"
+                  for r in detected]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -290,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eot", type=int, default=8, help="samples per candidate in the adaptive EOT variant")
     p.add_argument("--defences", default="none,aaa,rnd,unig,aaa_c")
     p.add_argument("--policies", default="full,top_k,rounded,label")
-    p.add_argument("--cells", default=None, help="explicit DEFENCE:POLICY:ATTACK,... (overrides the default order)")
+    p.add_argument("--cells", default=None, help="explicit DEFENCE:POLICY:ATTACK,... (overrides the default order "
+                   "and --defences: only these cells' defences are deployed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--out", default=str(REPO / "runs" / "query_attack"))
@@ -309,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     restorer = args.checkpoint
-    defences = {k: v for k, v in DEFENCES.items() if k in set(args.defences.split(",")) | {c.split(":")[0] for c in
-                                                                                            (args.cells or "").split(",")
-                                                                                            if c}}
+    # one app per defence the cells use (--cells), else per --defences: every app takes a CPU share and a replica
+    wanted = {c.split(":")[0] for c in args.cells.split(",") if c} if args.cells else set(args.defences.split(","))
+    defences = {k: v for k, v in DEFENCES.items() if k in wanted}
     if args.tiny:
         from trn.restorer import Restorer
 
@@ -364,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = []
         for name, spec in defences.items():
             app = build_app({"restorer": restorer, "defenses": spec, "output": {"policy": "full"},
+                             **({"query_detector": DETECTORS[name]} if name in DETECTORS else {}),
                              "max_batch_size": 256, "batch_wait_timeout_s": 0.002, "max_ongoing_requests": 1024,
                              "max_batch_images": 4096, "max_body_bytes": 64 << 20, "num_cpus": 0.5,
                              "health_check_period_s": 30.0})

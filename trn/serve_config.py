@@ -3,7 +3,7 @@
 Two layers, so that one set of application settings works under every launcher:
 
 * :class:`AppArgs`: everything the application itself needs (checkpoint, batching, replicas, input limits, the
-  downstream classifier, the defence stack, the output policy, the query budget). It is what
+  downstream classifier, the defence stack, the output policy, the query budget and detector). It is what
   ``trn_workers.serve:build_app`` (the Ray layer) takes, what ``args:`` holds in a Ray Serve config
   file (``configs/serve_deploy.yaml``, KubeRay ``serveConfigV2``), and the ``app:`` section of ``configs/serve.yaml``.
 * :class:`ServeConfig`: ``app`` plus where ``trn serve`` listens and which Ray cluster it uses. Under ``serve run``
@@ -39,6 +39,7 @@ __all__ = [
     "AutoscalingArgs",
     "DownstreamArgs",
     "QueryBudgetArgs",
+    "QueryDetectorArgs",
     "ServeConfig",
     "app_args_from_mapping",
     "load_serve_config",
@@ -174,6 +175,38 @@ class QueryBudgetArgs(_Args):
             raise ConfigError(f"query_budget.key_header must be a header name, got {self.key_header!r}")
 
 
+class QueryDetectorArgs(_Args):
+    """Similar-query detector (:class:`trn.query_detector.QueryDetector`, Blacklight-style) on ``/v1/classify`` and
+    ``/v1/classify/batch``: each client's images are fingerprinted (hashes of quantised windows) and a client whose
+    queries keep nearly repeating its earlier ones (a score-based query attack such as Square) is refused: 429 with
+    ``Retry-After`` for ``cooldown_s``, or 403 for good. Clients are keyed like the query budget (its ``key_header``
+    when set, else ``x-api-key``; no key: the client's address). Each replica keeps its own state."""
+
+    window: int = 8  # side of the hashed windows (stride 1, all channels; clamped to the image size)
+    step: int = 50  # quantisation step of the 8-bit pixel values (50: six levels, as in the paper)
+    top: int = 50  # hashes per fingerprint (the largest)
+    match_threshold: int = 15  # shared hashes that make two queries "the same" (<= top)
+    max_similar: int = 5  # matching queries a client may send among its last `history` before it is refused
+    cooldown_s: float | None = 3600.0  # seconds refused once over max_similar; None: refused for good (403)
+    history: int = 1000  # queries remembered per client (400 kB per client at top 50)
+    max_clients: int = 1000  # clients remembered per replica; the least recently seen are forgotten first
+
+    def model_post_init(self, context: Any, /) -> None:
+        _positive("query_detector.window", self.window)
+        _positive("query_detector.step", self.step)
+        _positive("query_detector.top", self.top)
+        _positive("query_detector.match_threshold", self.match_threshold)
+        _positive("query_detector.max_similar", self.max_similar, allow_zero=True)
+        _positive("query_detector.cooldown_s", self.cooldown_s)
+        _positive("query_detector.history", self.history)
+        _positive("query_detector.max_clients", self.max_clients)
+        if self.step > 255:
+            raise ConfigError(f"query_detector.step must be <= 255 (8-bit pixel values), got {self.step}")
+        if self.match_threshold > self.top:
+            raise ConfigError(f"query_detector.match_threshold ({self.match_threshold}) is above top ({self.top}): "
+                              "no two queries could ever match")
+
+
 class AppArgs(_Args):
     """Arguments of ``trn_workers.serve:build_app`` (the ``args:`` of a Serve config file).
 
@@ -186,7 +219,7 @@ class AppArgs(_Args):
     def _from_serve_args(cls, data: Any) -> Any:
         return _expand_args(data) if isinstance(data, Mapping) else data
 
-    restorer: str = "checkpoints/trn_fmnist"  # restorer checkpoint (NAME.safetensors + NAME.json)
+    restorer: str = "checkpoints/trn_fmnist_agnostic"  # restorer checkpoint (NAME.safetensors + NAME.json)
     device: str = "auto"  # auto: cuda when the replica was given a GPU, else cpu
     # Dynamic batching (@serve.batch): a batch runs when max_batch_size requests wait or the oldest has waited
     # batch_wait_timeout_s. Both can be changed live (they travel as the deployment's user_config).
@@ -221,6 +254,8 @@ class AppArgs(_Args):
     # for less (?output=label, ?output=top_k&k=1, ?output=rounded&decimals=1), never more (403).
     output: OutputPolicy = Field(default_factory=lambda: OutputPolicy("label"))
     query_budget: QueryBudgetArgs | None = None  # None: no per-client limit
+    # Refuse clients whose classify queries keep nearly repeating earlier ones (query attacks); None: off.
+    query_detector: QueryDetectorArgs | None = None
     max_batch_images: int = 256  # images in one /v1/*/batch request (413 above)
 
     def model_post_init(self, context: Any, /) -> None:
@@ -279,6 +314,9 @@ class AppArgs(_Args):
             defenses = map_trn_checkpoints(
                 serving_defenses(canonical_defenses(defenses, "defenses")),
                 lambda i, path: _resolve(path, f"defenses[{i}] (trn) checkpoint", (".safetensors",)))
+            defenses = map_trn_checkpoints(
+                defenses, lambda i, path: _resolve(path, f"defenses[{i}] (trn) map_from", (".safetensors", "")),
+                key="map_from")
         return self.model_copy(update={"restorer": restorer, "downstream": ds, "defenses": defenses})
 
 

@@ -19,14 +19,15 @@ Endpoints: ``POST /v1/restore`` (cleaned PNG, or ``?format=npy|json`` for the fl
 (label, plus as many probabilities as the app's output policy allows: :mod:`trn.output_policy`), their batch forms
 ``POST /v1/restore/batch`` and ``POST /v1/classify/batch`` (many images in one request: multipart files or an .npz),
 ``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``. An optional per-client query budget answers 429 with
-``Retry-After`` (:mod:`trn.query_budget`); its counters are Ray metrics.
+``Retry-After`` (:mod:`trn.query_budget`), an optional similar-query detector refuses query attacks on the classify
+endpoints (:mod:`trn.query_detector`); their counters are Ray metrics.
 
 Launch it with ``trn serve --config configs/serve.yaml``, ``serve run trn_workers.serve:build_app restorer=...`` or
 ``serve deploy configs/serve_deploy.yaml`` (see docs/deploy.md). Only the Ray part lives here (deployments,
 ``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema,
 parsing, output policy of a request and external classifier (:mod:`trn.http_api`), the budget's keys and 429s
-(:mod:`trn.query_budget`), decoding, model loading, build-time checks and the defence split (:mod:`trn.serving`) are
-library code that never imports Ray.
+(:mod:`trn.query_budget`), the detector (:mod:`trn.query_detector`), decoding, model loading, build-time checks and
+the defence split (:mod:`trn.serving`) are library code that never imports Ray.
 """
 
 import asyncio
@@ -68,6 +69,7 @@ from trn.http_api import (
 from trn.imageio import encode_png
 from trn.output_policy import OutputPolicy, format_prediction, probabilities_from_output
 from trn.query_budget import QueryBudget, charge_request, client_key
+from trn.query_detector import QueryDetector, screen_request
 from trn.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
 from trn.serving import build_service_defenses, output_class_names, service_info, wrap_classifier
 from trn.serving import load_downstream_model as _load_model
@@ -183,12 +185,19 @@ class TRNService:
         self._batch_params = (args.max_batch_size, args.batch_wait_timeout_s)
         qb = args.query_budget
         self.budget = QueryBudget(qb.rate, qb.burst, qb.total) if qb else None
+        qd = args.query_detector
+        self.detector = QueryDetector(**qd.model_dump()) if qd else None
+        self.key_header = qb.key_header if qb else "x-api-key"
         self._metrics: dict[str, Any] = {}
         try:
             from ray.util.metrics import Counter
 
             self._metrics["trn_queries_total"] = Counter(
                 "trn_queries_total", description="images charged to (or refused by) the per-client query budget",
+                tag_keys=("outcome",))
+            self._metrics["trn_query_detector_total"] = Counter(
+                "trn_query_detector_total", description="classify images screened by the similar-query detector "
+                "(outcome: passed, similar = passed but matching an earlier query of the client, refused)",
                 tag_keys=("outcome",))
         except Exception:
             log.debug("Ray metrics unavailable", exc_info=True)
@@ -234,21 +243,28 @@ class TRNService:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_model, images, want_logits)
 
     # -------------------------------------------------------------- request handling
-    def _charge(self, request: Request, n: int) -> None:
-        """Charge ``n`` queries to the caller's budget (:func:`trn.query_budget.charge_request`), counted as a Ray
-        metric; 429 when spent."""
-        if self.budget is None:
-            return
+    async def _charge(self, request: Request, n: int, images: list[np.ndarray] | None = None) -> None:
+        """Charge ``n`` queries to the caller's budget (:func:`trn.query_budget.charge_request`), then screen
+        ``images`` (classify endpoints) with the detector (:func:`trn.query_detector.screen_request`), both counted
+        as Ray metrics; 429 (or 403: refused for good) when either says no."""
         host = request.client.host if request.client else None
-        key = client_key(request.headers, self.args.query_budget.key_header, host)
-        decision, refusal = charge_request(self.budget, key, n)
-        self._count("trn_queries_total", n, "charged" if decision.allowed else "refused")
-        if refusal is not None:
-            raise refusal
+        key = client_key(request.headers, self.key_header, host)
+        if self.budget is not None:
+            decision, refusal = charge_request(self.budget, key, n)
+            self._count("trn_queries_total", n, "charged" if decision.allowed else "refused")
+            if refusal is not None:
+                raise refusal
+        if self.detector is not None and images is not None:  # hashing runs off the event loop
+            verdict, refusal = await asyncio.to_thread(screen_request, self.detector, key, np.stack(images))
+            counts = {"refused": n} if refusal else {"passed": n - verdict.matched, "similar": verdict.matched}
+            for outcome, k in counts.items():
+                self._count("trn_query_detector_total", k, outcome)
+            if refusal is not None:
+                raise refusal
 
     def _count(self, name: str, n: int, outcome: str) -> None:
         counter = self._metrics.get(name)
-        if counter is not None:
+        if counter is not None and n > 0:
             try:
                 counter.inc(n, tags={"outcome": outcome})
             except Exception:
@@ -290,7 +306,7 @@ class TRNService:
             "png", description="png: 8-bit PNG; npy / json: the float32 (C, H, W) tensor in [0, 1]"),
     ) -> Response:
         ((image, resized_from),) = await self._images_from_request(request, batch=False)
-        self._charge(request, 1)
+        await self._charge(request, 1)
         restored, _, batch = await self._restore_batch(image, False)
         headers = {"X-TRN-Batch-Size": str(batch)}
         if resized_from:
@@ -315,7 +331,7 @@ class TRNService:
     )
     async def restore_batch(self, request: Request) -> Response:
         items = await self._images_from_request(request, batch=True)
-        self._charge(request, len(items))
+        await self._charge(request, len(items))
         outs = await asyncio.gather(*(self._restore_batch(img, False) for img, _ in items))
         buf = io.BytesIO()
         np.save(buf, np.stack([o[0] for o in outs]).astype(np.float32), allow_pickle=False)
@@ -362,7 +378,7 @@ class TRNService:
         self._check_classifier()
         policy = request_policy(self.args.output, *asked, len(self.class_names))
         ((image, resized_from),) = await self._images_from_request(request, batch=False)
-        self._charge(request, 1)
+        await self._charge(request, 1, [image])
         body, batch = await self._classify_one(image, resized_from, policy)
         return JSONResponse(body, headers={"X-TRN-Batch-Size": str(batch)})
 
@@ -381,7 +397,7 @@ class TRNService:
         self._check_classifier()
         policy = request_policy(self.args.output, *asked, len(self.class_names))
         items = await self._images_from_request(request, batch=True)
-        self._charge(request, len(items))
+        await self._charge(request, len(items), [img for img, _ in items])
         outs = await asyncio.gather(*(self._classify_one(img, rf, policy) for img, rf in items))
         return JSONResponse({"results": [b for b, _ in outs]},
                             headers={"X-TRN-Batch-Size": str(max(n for _, n in outs))})

@@ -6,7 +6,8 @@ must give back the *clean image*, for classifiers it never saw:
 
 * **zoo**: classifiers of different families (``zoo``: checkpoint / TorchScript / export files). Each attacked chunk
   of a batch is crafted against one member drawn at random (``attack_target: random``), against the zoo's mean
-  logits (``ensemble``: the perturbations that transfer best, Liu et al. 2017), or either (``mixed``), with an attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2);
+  logits (``ensemble``: the perturbations that transfer best, Liu et al. 2017), or either (``mixed``), with an
+  attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2);
 * **fidelity**: ``L1 + mse_weight * MSE`` to the clean image, with the clean chunks weighted ``clean_weight`` times
   (clean images must come back untouched, >= 32 dB);
 * **consistency**: ``kl_weight * mean_m KL(m(clean) || m(restored))`` averaged over the zoo members ``m``: what is

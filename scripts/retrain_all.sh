@@ -24,7 +24,7 @@ done
 # issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out), then the
 # downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist against the zoo (0.5-2 min per zoo epoch, ~17 min
 # for the restorer on one core), its two ablations (guard maps only; a wider net from scratch), and the fitted row of
-# the downstream matrix (trn fit on the ViT, a few minutes; runs/ is not shipped)
+# the downstream matrix (trn fit on the ViT, a few minutes)
 for m in mlp cnn bncnn resnet vit; do
   .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
 done
@@ -32,7 +32,7 @@ done
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_guardmap.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide.yaml
 .venv/bin/trn fit --classifier checkpoints/zoo_fmnist_vit --restorer checkpoints/trn_fmnist_agnostic \
-  --out runs/fit/trn_fmnist_fit_vit --set map_from=downstream
+  --out checkpoints/trn_fmnist_fit_vit --set map_from=downstream
 # issue 11: the adversarially trained restorer, two stages from the one-stream gray-box net in front of the frozen
 # guard (~25 + ~32 min on one idle core); the two-stream ablation (~60 min); the TRADES baseline guard (4 epochs,
 # best epoch on validation)

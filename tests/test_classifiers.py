@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BAND_CLASSES, band_images
 from torch import nn
 
 import trn.train_classifier as tc
@@ -206,22 +207,9 @@ def test_shipped_guard_accuracy_remeasured() -> None:
 
 
 # --------------------------------------------------------------------------------------------- training
-K8 = 3  # classes of the synthetic 8x8 problem
-
-
-def _bands(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class k = a bright horizontal band in third k of an 8x8 image, plus noise: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, K8, (n,), generator=g)
-    x = 0.25 * torch.rand(n, 1, 8, 8, generator=g)
-    for k in range(K8):
-        x[y == k, :, k * 8 // K8 : (k + 1) * 8 // K8 + 1] += 0.6
-    return x.clamp(0, 1), y
-
-
 @pytest.fixture
 def bands_npz(tmp_path: Path) -> str:
-    x, y = _bands(120, seed=5)
+    x, y = band_images(120, seed=5)
     path = tmp_path / "bands.npz"
     np.savez(path, images=x.numpy(), labels=y.numpy())
     return str(path)
@@ -234,7 +222,7 @@ def _cfg(data: str, out: Path, **kw) -> ClassifierTrainConfig:
 
 
 def test_split_validation_is_seeded_disjoint_and_complete() -> None:
-    x, y = _bands(40, seed=0)
+    x, y = band_images(40, seed=0)
     ds = ImageDataset(x, y, ("a", "b", "c"), "bands")
     rest, val = split_validation(ds, 0.25, seed=3)
     assert (len(rest), len(val)) == (30, 10)
@@ -314,8 +302,8 @@ def test_best_epoch_weights_are_saved_and_patience_stops(bands_npz: str, tmp_pat
 
 
 def test_trades_adversary_and_loss(make_tiny_classifier) -> None:
-    model = make_tiny_classifier(num_classes=K8).train()
-    x, y = _bands(16, seed=1)
+    model = make_tiny_classifier(num_classes=BAND_CLASSES).train()
+    x, y = band_images(16, seed=1)
     x_adv = trades_adversary(model, x, eps=0.1, steps=5, alpha=0.03)
     assert model.training and all(p.grad is None for p in model.parameters())  # mode restored, no param grads
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1

@@ -67,8 +67,10 @@ def test_bad_inputs_and_settings() -> None:
     for kwargs, name in bad:
         with pytest.raises(ConfigError, match=f"query detector: {name} must be"):
             QueryDetector(**kwargs)
-    for kwargs, message in [({"match_threshold": 51}, "above top"), ({"step": 300}, "<= 255"),
-                            ({"cooldown_s": -1}, "cooldown_s must be > 0"), ({"history": 0}, "history must be > 0")]:
+    for kwargs, message in [({"match_threshold": 51}, "match_threshold must be an integer in \\[1, 50\\]"),
+                            ({"step": 300}, "step must be an integer in \\[1, 255\\]"),
+                            ({"cooldown_s": -1}, "cooldown_s must be a positive number"),
+                            ({"history": 0}, "history must be an integer >= 1")]:
         with pytest.raises(ConfigError, match=message):
             app_args_from_mapping({"query_detector": kwargs})
     with pytest.raises(ConfigError, match="unknown option"):

@@ -135,14 +135,15 @@ def run_downstream_evaluation(cfg: DownstreamEvalConfig) -> DownstreamReport:
     for rname, r in rows.items():
         acc[rname], fid[rname] = {}, {}
         from_downstream = cfg.map_from.get(rname, "guard") == "downstream"
-        restored_clean = _restore(r, x, cfg.batch_size)
+        restored_clean = None if from_downstream else _restore(r, x, cfg.batch_size)  # the same for every column
         for cname, clf in clfs.items():
             acc[rname][cname], fid[rname][cname] = {}, {}
             map_model = clf if from_downstream else None
-            if from_downstream:
-                restored_clean = _restore(r, x, cfg.batch_size, map_model)
             for k in kinds:
-                xr = restored_clean if k == "clean" else _restore(r, adv[cname][k], cfg.batch_size, map_model)
+                if k == "clean":
+                    xr = restored_clean if restored_clean is not None else _restore(r, x, cfg.batch_size, map_model)
+                else:
+                    xr = _restore(r, adv[cname][k], cfg.batch_size, map_model)
                 acc[rname][cname][k] = _acc(clf, xr, y, cfg.batch_size, device)
                 fid[rname][cname][k] = {"psnr": psnr_per_image(xr, x).mean().item(),
                                         "ssim": ssim_per_image(xr, x).mean().item()}

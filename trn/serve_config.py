@@ -192,19 +192,9 @@ class QueryDetectorArgs(_Args):
     max_clients: int = 1000  # clients remembered per replica; the least recently seen are forgotten first
 
     def model_post_init(self, context: Any, /) -> None:
-        _positive("query_detector.window", self.window)
-        _positive("query_detector.step", self.step)
-        _positive("query_detector.top", self.top)
-        _positive("query_detector.match_threshold", self.match_threshold)
-        _positive("query_detector.max_similar", self.max_similar, allow_zero=True)
-        _positive("query_detector.cooldown_s", self.cooldown_s)
-        _positive("query_detector.history", self.history)
-        _positive("query_detector.max_clients", self.max_clients)
-        if self.step > 255:
-            raise ConfigError(f"query_detector.step must be <= 255 (8-bit pixel values), got {self.step}")
-        if self.match_threshold > self.top:
-            raise ConfigError(f"query_detector.match_threshold ({self.match_threshold}) is above top ({self.top}): "
-                              "no two queries could ever match")
+        from trn.query_detector import QueryDetector  # numpy only; its constructor is where the ranges are checked
+
+        QueryDetector(**self.model_dump())
 
 
 class AppArgs(_Args):

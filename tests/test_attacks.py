@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trn.attacks import ATTACKS as ATTACK_REGISTRY
-from trn.attacks import BIM, CW, FGSM, MIM, PGD, Attack, DeepFool, create_attack, list_attacks
+from trn.attacks import BIM, CW, FGSM, MIM, PGD, Attack, DeepFool, RandomSign, create_attack, list_attacks
 from trn.classifiers import load_classifier
 from trn.data import FASHION_MNIST_DIR, load_fashion_mnist
 from trn.errors import ConfigError, InputError, ShapeError
@@ -313,3 +313,34 @@ def test_pgd40_breaks_the_shipped_guard() -> None:
     adv_acc = accuracy(guard, x_adv, test.labels)
     assert clean_acc >= 0.85, f"guard clean accuracy on the sample is only {clean_acc:.3f}"
     assert adv_acc < 0.05, f"PGD-40 left the guard at {adv_acc:.3f} accuracy (clean {clean_acc:.3f})"
+
+
+# --------------------------------------------------------------------------------------------- random sign noise
+def test_random_sign_is_tiled_sign_noise_within_budget(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Every pixel moves by exactly +-eps (before clipping), constant within each tile; seeded; never calls the model."""
+    calls = []
+
+    def model(t: torch.Tensor) -> torch.Tensor:
+        calls.append(len(t))
+        return torch.zeros(len(t), K)
+
+    x = 0.25 + 0.5 * x  # away from 0 and 1: no clipping
+    for tiles, rows_equal, cols_equal in [(((0, 1),), True, False), (((1, 0),), False, True),
+                                          (((4, 4),), False, False), (((1, 1),), False, False)]:
+        out = RandomSign(eps=0.1, tiles=tiles, seed=3)(model, x, y)
+        d = (out - x).sign()
+        assert torch.allclose((out - x).abs(), torch.full_like(x, 0.1), atol=1e-6)
+        assert bool((d[:, :, 1:, :] == d[:, :, :1, :]).all()) == rows_equal  # vertical stripes: rows repeat
+        assert bool((d[:, :, :, 1:] == d[:, :, :, :1]).all()) == cols_equal
+        if tiles == ((4, 4),):
+            assert bool((d[:, :, :4, :4] == d[:, :, :1, :1]).all()) and not bool((d == d[:, :, :1, :1]).all())
+        assert torch.equal(out, RandomSign(eps=0.1, tiles=tiles, seed=3)(model, x, y))
+        assert not torch.equal(out, RandomSign(eps=0.1, tiles=tiles, seed=4)(model, x, y))
+    assert calls == [1] * len(calls)  # only the class-count probe of the base class, never a forward of the batch
+    edge = RandomSign(eps=0.3, seed=0)(model, torch.zeros(2, 1, 8, 8))
+    assert float(edge.min()) == 0.0 and float(edge.max()) <= 0.3 + 1e-6
+    assert isinstance(create_attack("random-sign", eps=0.05), RandomSign)
+    with pytest.raises(ConfigError, match="tiles"):
+        RandomSign(tiles=((1, -1),))
+    with pytest.raises(ConfigError, match="tiles"):
+        RandomSign(tiles=())

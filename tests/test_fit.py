@@ -105,6 +105,11 @@ def test_zoo_batch_and_loss():
     cfg = AgnosticTrainConfig(chunks=16, clean_chunks=0, eps_max=0.05, attacks=["fgsm"], attack_target="mixed")
     tags = make_zoo_batch(zoo, x, y, cfg, random.Random(0))[2]
     assert {t.split("/")[1] for t in tags} == {"m0", "m1", "ens"}  # mixed: members and the ensemble both drawn
+    noise_cfg = AgnosticTrainConfig(chunks=4, clean_chunks=1, eps_min=0.05, eps_max=0.05, attacks=["random_sign"])
+    x_mid = 0.25 + 0.5 * x  # nothing clipped: every attacked pixel moves by exactly eps
+    x_in_n, _, tags_n, _ = make_zoo_batch(zoo, x_mid, y, noise_cfg, random.Random(0))
+    assert all(t.startswith("random_sign@0.050") for t in tags_n[1:])
+    torch.testing.assert_close((x_in_n[4:] - x_mid[4:]).abs(), torch.full_like(x_mid[4:], 0.05))
     logp = [F.log_softmax(m(x), 1) for m in zoo]
     loss, parts = agnostic_loss(x.clone(), x, is_clean, zoo, logp, cfg)
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and parts["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -122,6 +127,25 @@ def test_zoo_batch_and_loss():
         AgnosticTrainConfig(zoo=[])
     with pytest.raises(ConfigError, match="val_size 100 leaves no training images"):
         split_train_val(ds, 100, 0)
+
+
+def test_validation_scores_restored_noise_when_asked():
+    """``val_noise``: selection adds the zoo's accuracy on restored random-sign noise to the score (a restorer that
+    breaks on noise ranks lower); without it the score is clean + PGD as before."""
+    from trn.restorer import Restorer
+    from trn.train_agnostic import validate_restorer
+
+    torch.manual_seed(0)
+    r = Restorer.build(arch="trn_tiny", seed=0)
+    zoo = [create_classifier("zoo_mlp", hidden=8, depth=1).eval(), create_classifier("zoo_cnn", width=2).eval()]
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        y = zoo[0](x).argmax(1)
+    plain = validate_restorer(r, zoo, x, y, steps=2)
+    noisy = validate_restorer(r, zoo, x, y, steps=2, noise=True)
+    assert "noise_restored" not in plain and 0.0 <= noisy["noise_restored"] <= 1.0
+    assert plain["score"] == pytest.approx(plain["clean_restored"] + plain["pgd_restored"])
+    assert noisy["score"] == pytest.approx(noisy["clean_restored"] + noisy["pgd_restored"] + noisy["noise_restored"])
 
 
 def test_agnostic_train_state_round_trips(tmp_path):

@@ -208,6 +208,42 @@ def _npz(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_client_screen_budget_then_detector_and_refusals_pickle(fmnist) -> None:
+    """One call screens a request as the service does: the budget first (a refused request is not hashed), then the
+    detector; counts per outcome; the refusal survives pickling whole (it crosses Ray to the replica that answers)."""
+    import pickle
+
+    from trn.client_screen import BUDGET_METRIC, DETECTOR_METRIC, ClientScreen
+    from trn.query_budget import QueryBudget
+
+    screen = ClientScreen(QueryBudget(rate=0.001, burst=3), QueryDetector(max_similar=0, cooldown_s=60.0))
+    x = fmnist[:1]
+    assert screen.screen("k", 1, x, now=0.0) == ([(BUDGET_METRIC, 1, "charged"), (DETECTOR_METRIC, 1, "passed")], None)
+    counts, refusal = screen.screen("k", 1, x, now=0.0)  # the same image again: refused by the detector
+    assert counts == [(BUDGET_METRIC, 1, "charged"), (DETECTOR_METRIC, 1, "refused")] and refusal.status == 429
+    counts, refusal = screen.screen("k", 2, fmnist[1:3], now=0.0)  # 2 more than the bucket holds: not hashed
+    assert counts == [(BUDGET_METRIC, 2, "refused")] and refusal.kind == "QueryBudgetExceeded"
+    back = pickle.loads(pickle.dumps(refusal))
+    assert (back.status, back.kind, back.message, back.headers) == (429, refusal.kind, refusal.message,
+                                                                     refusal.headers)
+    assert ClientScreen().screen("k", 5, x) == ([], None)  # nothing configured: nothing counted, nothing refused
+    restore = ClientScreen(QueryBudget(rate=1.0, burst=5), QueryDetector())
+    assert restore.screen("k", 2) == ([(BUDGET_METRIC, 2, "charged")], None)  # restore requests: budget only
+
+
+def test_client_state_placement() -> None:
+    """``client_state: auto`` shares the state exactly when there can be more than one replica, and only when there
+    is state to share."""
+    base = {"restorer": "checkpoints/trn_fmnist", "query_detector": {}}
+    shared = lambda **kw: app_args_from_mapping({**base, **kw}).shared_client_state
+    assert not shared() and shared(num_replicas=2) and shared(autoscaling={"min_replicas": 1, "max_replicas": 3})
+    assert not shared(num_replicas=2, autoscaling={"min_replicas": 1, "max_replicas": 1})  # autoscaling wins
+    assert shared(client_state="shared") and not shared(num_replicas=3, client_state="replica")
+    assert not app_args_from_mapping({"restorer": "checkpoints/trn_fmnist", "num_replicas": 2}).shared_client_state
+    with pytest.raises(ConfigError, match="client_state"):
+        app_args_from_mapping({**base, "client_state": "global"})
+
+
 @pytest.mark.ray
 def test_service_refuses_the_attacking_key_only(fmnist, tmp_path) -> None:
     """/v1/classify behind the detector: an API key re-sending near-identical images gets 429 + Retry-After, another
@@ -228,6 +264,8 @@ def test_service_refuses_the_attacking_key_only(fmnist, tmp_path) -> None:
         app = build_app({"restorer": str(tmp_path / "tiny"), "num_cpus": 0.5, "health_check_period_s": 2.0,
                          "output": {"policy": "full"}, "query_detector": {"max_similar": 2, "cooldown_s": 600}})
         serve.run(app, name="detect", route_prefix="/d")
+        assert "ClientState" not in serve.status().applications["detect"].deployments  # one replica: kept in it
+        _check_shared_state_across_replicas(serve, httpx, port, tmp_path / "tiny", fmnist)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/d", timeout=60) as c:
             png = {"Content-Type": "image/png"}
             x = fmnist[:1]
@@ -253,3 +291,27 @@ def test_service_refuses_the_attacking_key_only(fmnist, tmp_path) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_shared_state_across_replicas(serve, httpx, port: int, restorer, fmnist) -> None:
+    """Two restorer replicas (client_state auto -> shared): a client's budget and query history are the app's, not
+    a replica's. Per replica, 5 distinct images at burst 3 pass unless all but two reach one replica; shared,
+    exactly 3 do, and an image sent again is refused (max_similar 0) whichever replica each copy reached."""
+    from trn_workers.serve import build_app
+
+    app = build_app({"restorer": str(restorer), "num_cpus": 0.25, "num_replicas": 2, "health_check_period_s": 2.0,
+                     "output": {"policy": "full"}, "query_budget": {"rate": 0.001, "burst": 3},
+                     "query_detector": {"max_similar": 0, "cooldown_s": 600}})
+    serve.run(app, name="shared", route_prefix="/s")
+    deployments = serve.status().applications["shared"].deployments
+    assert "ClientState" in deployments and len(deployments) == 2
+    png = {"Content-Type": "image/png"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/s", timeout=60) as c:
+        codes = [c.post("/v1/classify", content=_png(fmnist[20 + i]), headers={**png, "x-api-key": "dave"}).status_code
+                 for i in range(5)]
+        assert codes == [200, 200, 200, 429, 429], codes
+        replies = [c.post("/v1/classify", content=_png(fmnist[40]), headers={**png, "x-api-key": "frank"})
+                   for _ in range(2)]
+        assert [r.status_code for r in replies] == [200, 429]
+        assert replies[1].json()["error"]["type"] == "QueryAttackDetected"
+    serve.delete("shared")

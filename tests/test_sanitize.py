@@ -29,6 +29,7 @@ from trn.restorer import Restorer
 from trn.sanitize_io import (
     MANIFEST_NAME,
     SPEC_NAME,
+    BatchRestorer,
     JobPlan,
     SanitizeError,
     check_spec,
@@ -37,6 +38,8 @@ from trn.sanitize_io import (
     make_report,
     png_names,
     read_manifest,
+    read_npz_for_job,
+    read_npz_rows,
 )
 from trn_workers.resources import ActorPool, gpus_per_actor, local_num_cpus, map_batches_resource_kwargs
 from trn_workers.sanitize import SanitizeConfig, run_sanitize_command, sanitize
@@ -244,6 +247,27 @@ def test_report_raises_when_an_input_has_no_row(tmp_path: Path) -> None:
     del rows["1"]
     with pytest.raises(SanitizeError, match="1 of 3 inputs have no row"):
         make_report(plan, rows, tmp_path, 0, 3, 1.0, "trn -> guard")
+
+
+def test_an_npz_is_read_by_the_worker_and_checked_against_the_plan(tmp_path: Path, labelled_npz: Path,
+                                                                     checkpoint: Path) -> None:
+    """npz batches carry row numbers; the worker reads the file itself and refuses one that changed since planning."""
+    planned = read_npz_rows(labelled_npz)
+    restorer = Restorer.load(checkpoint)
+    with pytest.raises(ConfigError, match="needs the npz rows"):
+        BatchRestorer(restorer, restorer.net, restorer.guard, "npz", tmp_path / "out", "1")
+    job = BatchRestorer(restorer, torch.nn.Identity(), restorer.guard, "npz", tmp_path / "out", "1",
+                        npz=read_npz_for_job(labelled_npz, planned.digest()))
+    (tmp_path / "out").mkdir()
+    cols = job({"id": np.array(["3", "0"], dtype=object), "index": np.array([3, 0]), "label": planned.labels[[3, 0]]})
+    with torch.no_grad():
+        want = restorer.guard(torch.from_numpy(planned.images[[3, 0]])).argmax(1).numpy()
+    assert list(cols["status"]) == ["ok", "ok"] and np.array_equal(cols["pred_after"], want)  # rows 3 and 0, in order
+    changed = load_npz(labelled_npz)
+    changed.images[5] = 1.0 - changed.images[5]
+    save_npz(labelled_npz, changed, image_dtype="float32")
+    with pytest.raises(SanitizeError, match="changed after the job was planned"):
+        read_npz_for_job(labelled_npz, planned.digest())
 
 
 def test_output_of_another_job_is_refused(tmp_path: Path, labelled_npz: Path, checkpoint: Path) -> None:

@@ -1,6 +1,6 @@
 """Evasion attacks in pixel space [0, 1]: gradient-based FGSM, BIM, PGD (Linf/L2), MIM, CW-L2, DeepFool, APGD-CE /
-APGD-DLR (AutoAttack's gradient attacks, with restarts and EOT), and the score-based (black-box, gradient-free) Square
-attack.
+APGD-DLR (AutoAttack's gradient attacks, with restarts and EOT), the score-based (black-box, gradient-free) Square
+attack, and RandomSign: tiled +-eps sign noise, what random-search attacks start from (it never reads the model).
 
 Every attack is a configured callable with one shape, ``x_adv = attack(model, x, y)``:
 
@@ -38,6 +38,7 @@ __all__ = [
     "PGD",
     "Attack",
     "DeepFool",
+    "RandomSign",
     "Square",
     "create_attack",
     "eot_input_gradient",
@@ -356,6 +357,46 @@ class DeepFool(Attack):
         return project(x_adv, x, self.eps, "l2") if self.eps > 0 else x_adv
 
 
+@dataclass
+class RandomSign(Attack):
+    """Random +-eps sign noise in tiles: the perturbations random-search attacks start from and try (Linf, no model).
+
+    Each image gets a tile size drawn from ``tiles`` (rows x cols; 1 x 1 is per-pixel noise, H x 1 Square's vertical
+    stripes, 1 x W horizontal ones, 4 x 4 blocks) and an independent uniform +-1 sign per tile and channel:
+    ``x + eps * sign`` clipped to [0, 1]. It never reads the model, so it is not an attack in the gradient sense; it
+    trains and checks a restorer against the first queries of Square-like attacks (which are exactly this), and
+    against noise no classifier shaped. ``0`` in a tile size stands for the full side.
+
+    Shape:
+        x (B, C, H, W) -> (B, C, H, W)
+
+    Example:
+        >>> x_noisy = RandomSign(eps=0.1, seed=0)(model, x)   # ||x_noisy - x||_inf <= 0.1
+    """
+
+    eps: float = 0.1
+    tiles: tuple[tuple[int, int], ...] = ((1, 1), (0, 1), (1, 0), (2, 2), (4, 4), (7, 7))
+    name = "random_sign"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tiles = tuple(tuple(t) for t in self.tiles)
+        if not self.tiles or any(len(t) != 2 or min(t) < 0 for t in self.tiles):
+            raise ConfigError(f"RandomSign: tiles must be non-empty (rows, cols) pairs >= 0, got {self.tiles!r}")
+
+    @torch.no_grad()
+    def perturb(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        gen, dev = self._generator(x.device), x.device
+        pick = torch.randint(0, len(self.tiles), (b,), generator=gen, device=dev).tolist()
+        delta = torch.empty_like(x)
+        for i, k in enumerate(pick):
+            th, tw = (self.tiles[k][0] or h), (self.tiles[k][1] or w)
+            sign = torch.randint(0, 2, (c, -(-h // th), -(-w // tw)), generator=gen, device=dev).to(x.dtype) * 2 - 1
+            delta[i] = sign.repeat_interleave(th, 1).repeat_interleave(tw, 2)[:, :h, :w]  # (C, H, W)
+        return (x + self.eps * delta).clamp(0.0, 1.0)
+
+
 def _square_p(p_init: float, it: int, queries: int) -> float:
     """Square's schedule for the fraction of pixels a square covers, rescaled from 10,000 queries to ``queries``."""
     it = int(it / max(queries, 1) * 10000)
@@ -610,6 +651,7 @@ _REGISTRY: dict[str, Callable[..., Attack]] = {
     "cw": CW,
     "deepfool": DeepFool,
     "square": Square,
+    "random_sign": RandomSign,
     "apgd": APGD,
     "apgd_ce": lambda **kw: APGD(**{"loss": "ce", **kw}),
     "apgd_dlr": lambda **kw: APGD(**{"loss": "dlr", **kw}),

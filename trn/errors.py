@@ -44,6 +44,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
+    def __reduce__(self) -> tuple:  # pickles whole (Exception's default keeps only the message), e.g. via Ray
+        return type(self), (self.status, self.kind, self.message, dict(self.headers) if self.headers else None)
+
 
 def one_line(e: BaseException) -> str:
     """``e`` as one line (type and message, whitespace collapsed, at most 300 characters)."""

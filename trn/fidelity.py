@@ -12,8 +12,6 @@ PSNR is computed per image and then averaged; identical images (infinite PSNR) c
 from __future__ import annotations
 
 import torch
-from kornia.metrics import psnr as _kornia_psnr
-from kornia.metrics import ssim as _kornia_ssim
 
 from trn.errors import ShapeError
 from trn.validation import check_images
@@ -39,6 +37,8 @@ def psnr_per_image(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         x, ref: (N, C, H, W) in [0, 1] -> (N,)
     """
     _check_pair(x, ref)
+    from kornia.metrics import psnr as _kornia_psnr  # kornia costs ~1 s to import: only when used
+
     out = [_kornia_psnr(x[i : i + 1].float(), ref[i : i + 1].float(), 1.0).reshape(()) for i in range(len(x))]
     return torch.stack(out).clamp(max=PSNR_CAP).cpu() if out else torch.zeros(0)
 
@@ -51,6 +51,8 @@ def ssim_per_image(x: torch.Tensor, ref: torch.Tensor, batch_size: int = 1000) -
         x, ref: (N, C, H, W) in [0, 1] -> (N,)
     """
     _check_pair(x, ref)
+    from kornia.metrics import ssim as _kornia_ssim
+
     out = [_kornia_ssim(x[i : i + batch_size].float(), ref[i : i + batch_size].float(), SSIM_WINDOW, max_val=1.0)
            .flatten(1).mean(1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)

@@ -99,14 +99,15 @@ def client_key(headers: Mapping[str, str], key_header: str, client_host: str | N
     return f"key:{key}" if key else f"addr:{client_host if client_host is not None else 'unknown'}"
 
 
-def charge_request(budget: QueryBudget, key: str, n: int) -> tuple[BudgetDecision, RequestError | None]:
+def charge_request(budget: QueryBudget, key: str, n: int, now: float | None = None
+                   ) -> tuple[BudgetDecision, RequestError | None]:
     """Charge a request of ``n`` queries (images) to ``key``; (the decision, the error to answer with or None).
 
     The error is a 429 ``QueryBudgetExceeded`` with a ``Retry-After`` header: the seconds until the bucket could pay
     (at least 1), or 86400 for a request that can never be paid (over ``burst`` or the lifetime ``total``). The
     decision is returned either way so that the caller can count it before raising.
     """
-    decision = budget.charge(key, n)
+    decision = budget.charge(key, n, now)
     if decision.allowed:
         return decision, None
     if math.isinf(decision.retry_after_s):

@@ -74,6 +74,7 @@ __all__ = [
     "prepare_output",
     "present_ids",
     "read_manifest",
+    "read_npz_for_job",
     "read_npz_rows",
     "write_manifest",
 ]
@@ -335,6 +336,19 @@ def read_npz_rows(path: str | os.PathLike) -> NpzRows:
     return NpzRows(images, labels, names, bad)
 
 
+def read_npz_for_job(path: str | os.PathLike, digest: str) -> NpzRows:
+    """A worker's own read of a planned npz input (:func:`read_npz_rows`), checked against the plan's digest.
+
+    Raises:
+        SanitizeError: the file no longer holds what the job was planned on.
+        DataError: the file cannot be read any more.
+    """
+    rows = read_npz_rows(path)
+    if rows.digest() != digest:
+        raise SanitizeError(f"{path} changed after the job was planned; rerun the same command")
+    return rows
+
+
 @dataclass
 class JobPlan:
     """Everything the driver knows before Ray starts: the inputs, their ids, and where each result goes."""
@@ -583,17 +597,22 @@ class BatchRestorer:
         guard_after: the guard inside the stack's classifier wrappers (``pred_after``).
         kind, output, run: the job's input kind, OUTPUT folder and run stamp (part names sort by run).
         renamed: folder inputs whose output name is not ``rel`` with ``.png`` (see :func:`png_names`).
+        npz: an npz job's images (:func:`read_npz_rows`, read by the worker itself): its batches carry row
+            ``index`` es, not pixels.
         node, worker: recorded in each row (where it ran).
     """
 
     def __init__(self, restorer: Restorer, preprocessor: torch.nn.Module, guard_after: torch.nn.Module,
                  kind: InputKind, output: str | os.PathLike, run: str, *, image_column: str = "image",
                  resize: ResizePolicy = "reject", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 renamed: dict[str, str] | None = None, node: str = "", worker: int = 0) -> None:
+                 renamed: dict[str, str] | None = None, npz: NpzRows | None = None, node: str = "",
+                 worker: int = 0) -> None:
+        if kind == "npz" and npz is None:
+            raise ConfigError("an npz job's BatchRestorer needs the npz rows (npz=read_npz_rows(path))")
         self.restorer, self.preprocessor, self.guard_after = restorer, preprocessor, guard_after
         self.kind, self.output, self.run = kind, Path(output), run
         self.image_column, self.resize, self.max_pixels = image_column, resize, max_pixels
-        self.renamed = renamed or {}
+        self.renamed, self.npz = renamed or {}, npz
         self.shape = tuple(int(v) for v in restorer.image_shape)
         self.node, self.worker = node, worker
         self.device = restorer.device
@@ -629,7 +648,8 @@ class BatchRestorer:
         for i in range(len(batch["id"])):
             try:
                 if self.kind == "npz":
-                    out.append(fit_image(np.asarray(batch["image"][i]), self.shape, self.resize))
+                    assert self.npz is not None
+                    out.append(fit_image(self.npz.images[int(batch["index"][i])], self.shape, self.resize))
                     continue
                 if self.kind == "folder":
                     data: Any = batch["bytes"][i]

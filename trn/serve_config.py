@@ -159,8 +159,8 @@ class DownstreamArgs(_Args):
 
 class QueryBudgetArgs(_Args):
     """Per-client query budget (:class:`trn.query_budget.QueryBudget`): a token bucket per API key, else per client
-    address. A batch request costs one query per image. Past the budget: 429 with ``Retry-After``. Each replica keeps
-    its own buckets (exact with one replica; with R replicas a client may get up to R times the rate)."""
+    address. A batch request costs one query per image. Past the budget: 429 with ``Retry-After``. Where the buckets
+    live: ``app.client_state`` (per replica, or shared by every replica)."""
 
     rate: float = 10.0  # queries per second refilled per client
     burst: int = 100  # queries a client may send at once (also the largest batch it can send)
@@ -180,7 +180,7 @@ class QueryDetectorArgs(_Args):
     ``/v1/classify/batch``: each client's images are fingerprinted (hashes of quantised windows) and a client whose
     queries keep nearly repeating its earlier ones (a score-based query attack such as Square) is refused: 429 with
     ``Retry-After`` for ``cooldown_s``, or 403 for good. Clients are keyed like the query budget (its ``key_header``
-    when set, else ``x-api-key``; no key: the client's address). Each replica keeps its own state."""
+    when set, else ``x-api-key``; no key: the client's address). Where its state lives: ``app.client_state``."""
 
     window: int = 8  # side of the hashed windows (stride 1, all channels; clamped to the image size)
     step: int = 50  # quantisation step of the 8-bit pixel values (50: six levels, as in the paper)
@@ -246,6 +246,12 @@ class AppArgs(_Args):
     query_budget: QueryBudgetArgs | None = None  # None: no per-client limit
     # Refuse clients whose classify queries keep nearly repeating earlier ones (query attacks); None: off.
     query_detector: QueryDetectorArgs | None = None
+    # Where the query budget's buckets and the detector's history live: in each restorer replica ("replica": no extra
+    # hop, but with R replicas a client gets up to R times the budget and its queries are split across R histories),
+    # or in one small deployment every replica asks ("shared": exact per client whatever the replica count, one
+    # in-cluster call per request). "auto": shared when there can be more than one replica (num_replicas, or the
+    # autoscaling max_replicas, > 1), else replica.
+    client_state: Literal["auto", "replica", "shared"] = "auto"
     max_batch_images: int = 256  # images in one /v1/*/batch request (413 above)
 
     def model_post_init(self, context: Any, /) -> None:
@@ -276,6 +282,15 @@ class AppArgs(_Args):
                     + ("runs outside this service" if self.downstream.kind == "http" else "means no classifier")
                     + "; use downstream.kind guard, checkpoint, torchscript or export, or list only input-side "
                     "defences (jpeg, bit_depth, median, gaussian_blur, trn)")
+
+    @property
+    def shared_client_state(self) -> bool:
+        """Whether the budget / detector state lives in one deployment for every replica (see ``client_state``)."""
+        if self.query_budget is None and self.query_detector is None:
+            return False
+        if self.client_state == "auto":
+            return (self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas) > 1
+        return self.client_state == "shared"
 
     @property
     def restorer_max_ongoing_requests(self) -> int:

@@ -7,7 +7,8 @@ must give back the *clean image*, for classifiers it never saw:
 * **zoo**: classifiers of different families (``zoo``: checkpoint / TorchScript / export files). Each attacked chunk
   of a batch is crafted against one member drawn at random (``attack_target: random``), against the zoo's mean
   logits (``ensemble``: the perturbations that transfer best, Liu et al. 2017), or either (``mixed``), with an
-  attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2);
+  attack and Linf budget drawn at random (FGSM, BIM, PGD, MIM, CW-L2; ``random_sign``: tiled +-eps sign noise that
+  reads no model, what Square-like query attacks start from);
 * **fidelity**: ``L1 + mse_weight * MSE`` to the clean image, with the clean chunks weighted ``clean_weight`` times
   (clean images must come back untouched, >= 32 dB);
 * **consistency**: ``kl_weight * mean_m KL(m(clean) || m(restored))`` averaged over the zoo members ``m``: what is
@@ -66,7 +67,8 @@ __all__ = ["AgnosticTrainConfig", "Ensemble", "agnostic_loss", "split_train_val"
            "validate_restorer"]
 log = logging.getLogger(__name__)
 
-_TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
+_TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw", "random_sign")
+_DEFAULT_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class AgnosticTrainConfig:
     estimator_scale: str = "std"
     estimator_confidence: float = 0.6
     init_from: str | None = "checkpoints/trn_fmnist"  # restorer checkpoint: its net, guard and map settings
-    attacks: list[str] = field(default_factory=lambda: list(_TRAIN_ATTACKS))
+    attacks: list[str] = field(default_factory=lambda: list(_DEFAULT_ATTACKS))  # random_sign: tiled +-eps noise
     eps_min: float = 0.02
     eps_max: float = 0.16
     attack_steps: int = 7
@@ -105,6 +107,8 @@ class AgnosticTrainConfig:
     weight_decay: float = 1e-4
     val_size: int = 1000                       # held out of the TRAINING split for model selection
     val_attack_steps: int = 10
+    val_noise: bool = False                    # selection also scores restored random-sign noise (eps 0.1, the
+                                               # first queries of Square-like attacks): score = clean + PGD + noise
     select_min_psnr: float = 32.0              # selection: epochs whose clean images come back below this rank last
     seed: int = 0
     device: str = "auto"
@@ -159,6 +163,8 @@ def _attack(name: str, eps: float, cfg: AgnosticTrainConfig, rng: random.Random)
                              seed=rng.randrange(2**31))
     if name == "fgsm":
         return create_attack("fgsm", eps=eps)
+    if name == "random_sign":
+        return create_attack("random_sign", eps=eps, seed=rng.randrange(2**31))
     return create_attack(name, eps=eps, steps=cfg.attack_steps, seed=rng.randrange(2**31))
 
 
@@ -239,19 +245,23 @@ def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
 
 @torch.no_grad()
 def validate_restorer(restorer: Restorer, zoo: list[nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int = 10,
-                      eps: float = 0.1, batch_size: int = 500, map_from: str = "guard") -> dict[str, float]:
+                      eps: float = 0.1, batch_size: int = 500, map_from: str = "guard",
+                      noise: bool = False) -> dict[str, float]:
     """Mean over ``zoo`` of accuracy on restored clean / restored PGD images (crafted on each member) + PSNR.
 
-    ``map_from="downstream"`` restores each member's images with the map estimated from that member.
+    ``map_from="downstream"`` restores each member's images with the map estimated from that member. ``noise``: also
+    score restored random-sign noise (:class:`trn.attacks.RandomSign`, ``eps``, one seeded draw).
 
     Returns:
         ``clean_restored``, ``pgd_restored``, ``pgd`` (undefended), ``psnr_clean`` and ``psnr_pgd_restored`` /
-        ``psnr_pgd`` (restored / attacked vs clean), and ``score`` = clean_restored + pgd_restored (what selects).
+        ``psnr_pgd`` (restored / attacked vs clean), with ``noise``: ``noise_restored``, and ``score`` =
+        clean_restored + pgd_restored (+ noise_restored) (what selects).
     """
-    acc = {k: [] for k in ("clean_restored", "pgd", "pgd_restored")}
+    acc = {k: [] for k in ("clean_restored", "pgd", "pgd_restored") + ("noise_restored",) * noise}
     ps_adv, ps_rest, ps_clean = [], [], []
     atk = create_attack("pgd", eps=eps, steps=steps, seed=1)
-    x_rest = None
+    x_noise = create_attack("random_sign", eps=eps, seed=2)(zoo[0], x, y) if noise else None
+    x_rest = r_noise = None
     for m in zoo:
         r = restorer.with_map_from(m) if map_from == "downstream" else restorer
         if x_rest is None or map_from == "downstream":
@@ -262,11 +272,15 @@ def validate_restorer(restorer: Restorer, zoo: list[nn.Module], x: torch.Tensor,
         acc["clean_restored"].append(_hits(m, x_rest, y, batch_size))
         acc["pgd"].append(_hits(m, x_adv, y, batch_size))
         acc["pgd_restored"].append(_hits(m, r_adv, y, batch_size))
+        if x_noise is not None:
+            if r_noise is None or map_from == "downstream":
+                r_noise = torch.cat([r(x_noise[s]) for s in batches(len(x), batch_size)])
+            acc["noise_restored"].append(_hits(m, r_noise, y, batch_size))
         ps_adv.append(psnr_per_image(x_adv, x).mean().item())
         ps_rest.append(psnr_per_image(r_adv, x).mean().item())
     out = {k: sum(v) / len(v) for k, v in acc.items()}
     out.update(psnr_clean=sum(ps_clean) / len(ps_clean), psnr_pgd=sum(ps_adv) / len(ps_adv), psnr_pgd_restored=sum(ps_rest) / len(ps_rest))
-    out["score"] = out["clean_restored"] + out["pgd_restored"]
+    out["score"] = out["clean_restored"] + out["pgd_restored"] + out.get("noise_restored", 0.0)
     return out
 
 
@@ -276,11 +290,11 @@ def _validate(restorer: Restorer, zoo: list[nn.Module], val: ImageDataset, cfg: 
     (the downstream-map view's figures under ``*_dsmap`` keys) and keeps the lower clean PSNR."""
     x, y = val.images.to(device), val.labels.to(device)
     if cfg.map_from == "guard" or not restorer.net.cfg.two_stream:
-        return validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps)
-    ds = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps, map_from="downstream")
+        return validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps, noise=cfg.val_noise)
+    ds = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps, map_from="downstream", noise=cfg.val_noise)
     if cfg.map_from == "attacked":
         return ds
-    g = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps)
+    g = validate_restorer(restorer, zoo, x, y, cfg.val_attack_steps, noise=cfg.val_noise)
     return {**g, **{f"{k}_dsmap": v for k, v in ds.items()}, "score": (g["score"] + ds["score"]) / 2,
             "psnr_clean": min(g["psnr_clean"], ds["psnr_clean"])}
 

@@ -68,6 +68,7 @@ from trn.sanitize_io import (
     prepare_output,
     present_ids,
     read_manifest,
+    read_npz_for_job,
     write_manifest,
 )
 from trn.weights import resolve_checkpoint
@@ -101,12 +102,13 @@ class RestoreWorker:
 
     ``defenses`` is the canonical stack (plain data); the checkpoint of each ``trn`` entry that has one comes as
     bytes in ``defense_checkpoints`` (entry index -> bytes), like the main ``checkpoint``. Folder batches come from
-    ``read_binary_files(include_paths=True)``: their ids are the paths relative to ``root``.
+    ``read_binary_files(include_paths=True)``: their ids are the paths relative to ``root``. An npz job's batches
+    are row indices: each actor reads the npz at ``root`` itself (checked against the plan's ``npz_digest``).
     """
 
     def __init__(self, checkpoint: CheckpointBytes, defenses: list[dict[str, Any]],
                  defense_checkpoints: dict[int, CheckpointBytes], use_gpu: bool, threads: int, root: str,
-                 **job: Any) -> None:
+                 npz_digest: str | None = None, **job: Any) -> None:
         import tempfile
 
         import ray
@@ -119,7 +121,8 @@ class RestoreWorker:
                                        if i in defense_checkpoints else path)
             stack = build_stack(spec, restorer)
         self.root = root
-        self.job = BatchRestorer(restorer, stack.preprocessor, stack.classifier,
+        npz = read_npz_for_job(root, npz_digest) if npz_digest is not None else None
+        self.job = BatchRestorer(restorer, stack.preprocessor, stack.classifier, npz=npz,
                                  node=ray.get_runtime_context().get_node_id(), worker=os.getpid(), **job)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,16 +145,12 @@ def _dataset(plan: JobPlan, todo: list[str], batch_size: int) -> Any:
     if plan.kind == "parquet":
         want = set(todo)
         return ray.data.from_items([r for r in plan.refs if r["id"] in want], override_num_blocks=blocks)
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
+    # npz: row indices only, each actor reads the file itself (from_items runs no task: from_arrow would start a
+    # metadata task on a worker that Ray then does not reuse for an actor, and would ship every pixel from here)
     assert plan.npz is not None
-    index = np.array([int(i) for i in todo], dtype=np.int64)
-    tables = [pa.table({"id": pa.array([str(i) for i in idx], pa.string()),
-                        "label": pa.array(plan.npz.labels[idx], pa.int64()),
-                        "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(plan.npz.images[idx]))})
-              for idx in (index[s : s + batch_size] for s in range(0, len(index), batch_size))]
-    return ray.data.from_arrow(tables)
+    labels = plan.npz.labels
+    return ray.data.from_items([{"id": i, "index": int(i), "label": int(labels[int(i)])} for i in todo],
+                               override_num_blocks=blocks)
 
 
 def _batch_bytes(batch: dict[str, np.ndarray]) -> int:
@@ -216,6 +215,7 @@ def _run(cfg: SanitizeConfig, plan: JobPlan, todo: list[str], output: Path, run:
             "defense_checkpoints": {i: CheckpointBytes.read(e["checkpoint"]) for i, e in enumerate(defenses)
                                     if e["name"] == "trn" and e.get("checkpoint")},
             "use_gpu": pool.num_gpus > 0, "threads": int(pool.num_cpus), "root": str(plan.input.absolute()),
+            "npz_digest": plan.npz.digest() if plan.npz is not None else None,
             "kind": plan.kind, "output": str(output.absolute()), "run": run, "image_column": cfg.image_column,
             "resize": cfg.resize, "max_pixels": cfg.max_pixels, "renamed": renamed,
         },

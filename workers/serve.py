@@ -20,13 +20,15 @@ Endpoints: ``POST /v1/restore`` (cleaned PNG, or ``?format=npy|json`` for the fl
 ``POST /v1/restore/batch`` and ``POST /v1/classify/batch`` (many images in one request: multipart files or an .npz),
 ``GET /healthz``, ``GET /docs`` / ``GET /openapi.json``. An optional per-client query budget answers 429 with
 ``Retry-After`` (:mod:`trn.query_budget`), an optional similar-query detector refuses query attacks on the classify
-endpoints (:mod:`trn.query_detector`); their counters are Ray metrics.
+endpoints (:mod:`trn.query_detector`); their state lives in each replica or, shared by all of them, in the app's
+``ClientState`` deployment (``app.client_state``); their counters are Ray metrics.
 
 Launch it with ``trn serve --config configs/serve.yaml``, ``serve run trn_workers.serve:build_app restorer=...`` or
 ``serve deploy configs/serve_deploy.yaml`` (see docs/deploy.md). Only the Ray part lives here (deployments,
 ``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema,
 parsing, output policy of a request and external classifier (:mod:`trn.http_api`), the budget's keys and 429s
-(:mod:`trn.query_budget`), the detector (:mod:`trn.query_detector`), decoding, model loading, build-time checks and
+(:mod:`trn.query_budget`), the detector (:mod:`trn.query_detector`) and both as one call (:mod:`trn.client_screen`),
+decoding, model loading, build-time checks and
 the defence split (:mod:`trn.serving`) are library code that never imports Ray.
 """
 
@@ -46,6 +48,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from trn.client_screen import BUDGET_METRIC, DETECTOR_METRIC, ClientScreen, Count
 from trn.defenses.spec import default_defenses, describe_defenses
 from trn.errors import ConfigError, RequestError
 from trn.http_api import (
@@ -68,13 +71,14 @@ from trn.http_api import (
 )
 from trn.imageio import encode_png
 from trn.output_policy import OutputPolicy, format_prediction, probabilities_from_output
-from trn.query_budget import QueryBudget, charge_request, client_key
-from trn.query_detector import QueryDetector, screen_request
+from trn.query_budget import QueryBudget, client_key
+from trn.query_detector import QueryDetector
 from trn.serve_config import AppArgs, DownstreamArgs, ServeConfig, app_args_from_mapping, load_serve_config
 from trn.serving import build_service_defenses, output_class_names, service_info, wrap_classifier
 from trn.serving import load_downstream_model as _load_model
 
-__all__ = ["DownstreamClassifier", "TRNService", "api", "build_app", "load_downstream_model", "run_serve_command"]
+__all__ = ["ClientState", "DownstreamClassifier", "TRNService", "api", "build_app", "load_downstream_model",
+           "run_serve_command"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +158,25 @@ class DownstreamClassifier:
             raise RuntimeError("CUDA device lost")
 
 
+@serve.deployment(name="ClientState", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ClientState:
+    """The query budget and detector state of an app, shared by all its restorer replicas (``client_state: shared``):
+    one replica, so a client's buckets and query history do not depend on which restorer replica it reached.
+    Screening (hashing included) runs in a worker thread, off this replica's event loop."""
+
+    def __init__(self, args: AppArgs) -> None:
+        self.screen_state = _client_screen(args)
+
+    async def screen(self, key: str, n: int, images: np.ndarray | None) -> tuple[list[Count], Any]:
+        return await asyncio.to_thread(self.screen_state.screen, key, n, images)
+
+
+def _client_screen(args: AppArgs) -> ClientScreen:
+    qb, qd = args.query_budget, args.query_detector
+    return ClientScreen(QueryBudget(qb.rate, qb.burst, qb.total) if qb else None,
+                        QueryDetector(**qd.model_dump()) if qd else None)
+
+
 @serve.deployment(name=SERVICE_NAME)
 @serve.ingress(api)
 class TRNService:
@@ -163,7 +186,8 @@ class TRNService:
     ``downstream.kind: guard`` the stack's classifier wrappers wrap the guard that answers ``/v1/classify``.
     """
 
-    def __init__(self, args: AppArgs, info: dict, downstream: DeploymentHandle | None = None) -> None:
+    def __init__(self, args: AppArgs, info: dict, downstream: DeploymentHandle | None = None,
+                 client_state: DeploymentHandle | None = None) -> None:
         from trn.restorer import Restorer
 
         torch.set_num_threads(args.threads)
@@ -183,20 +207,19 @@ class TRNService:
 
             self._http = httpx.AsyncClient(timeout=args.downstream.timeout_s)
         self._batch_params = (args.max_batch_size, args.batch_wait_timeout_s)
-        qb = args.query_budget
-        self.budget = QueryBudget(qb.rate, qb.burst, qb.total) if qb else None
-        qd = args.query_detector
-        self.detector = QueryDetector(**qd.model_dump()) if qd else None
-        self.key_header = qb.key_header if qb else "x-api-key"
+        # per-client screening: here (one replica's view) or in the app's ClientState deployment (every replica's)
+        self.client_state = client_state
+        self.screen_state = _client_screen(args) if client_state is None else None
+        self.key_header = args.query_budget.key_header if args.query_budget else "x-api-key"
         self._metrics: dict[str, Any] = {}
         try:
             from ray.util.metrics import Counter
 
-            self._metrics["trn_queries_total"] = Counter(
-                "trn_queries_total", description="images charged to (or refused by) the per-client query budget",
+            self._metrics[BUDGET_METRIC] = Counter(
+                BUDGET_METRIC, description="images charged to (or refused by) the per-client query budget",
                 tag_keys=("outcome",))
-            self._metrics["trn_query_detector_total"] = Counter(
-                "trn_query_detector_total", description="classify images screened by the similar-query detector "
+            self._metrics[DETECTOR_METRIC] = Counter(
+                DETECTOR_METRIC, description="classify images screened by the similar-query detector "
                 "(outcome: passed, similar = passed but matching an earlier query of the client, refused)",
                 tag_keys=("outcome",))
         except Exception:
@@ -249,18 +272,17 @@ class TRNService:
         as Ray metrics; 429 (or 403: refused for good) when either says no."""
         host = request.client.host if request.client else None
         key = client_key(request.headers, self.key_header, host)
-        if self.budget is not None:
-            decision, refusal = charge_request(self.budget, key, n)
-            self._count("trn_queries_total", n, "charged" if decision.allowed else "refused")
-            if refusal is not None:
-                raise refusal
-        if self.detector is not None and images is not None:  # hashing runs off the event loop
-            verdict, refusal = await asyncio.to_thread(screen_request, self.detector, key, np.stack(images))
-            counts = {"refused": n} if refusal else {"passed": n - verdict.matched, "similar": verdict.matched}
-            for outcome, k in counts.items():
-                self._count("trn_query_detector_total", k, outcome)
-            if refusal is not None:
-                raise refusal
+        stacked = np.stack(images) if images is not None else None
+        if self.client_state is not None:
+            counts, refusal = await self.client_state.screen.remote(key, n, stacked)
+        elif self.screen_state.budget is not None or self.screen_state.detector is not None:
+            counts, refusal = await asyncio.to_thread(self.screen_state.screen, key, n, stacked)  # off the loop
+        else:
+            return
+        for name, k, outcome in counts:
+            self._count(name, k, outcome)
+        if refusal is not None:
+            raise refusal
 
     def _count(self, name: str, n: int, outcome: str) -> None:
         counter = self._metrics.get(name)
@@ -450,7 +472,7 @@ def build_app(args: AppArgs) -> Application:
         ray_actor_options={"num_cpus": app_args.num_cpus, "num_gpus": num_gpus},
         user_config={"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s},
         health_check_period_s=app_args.health_check_period_s,
-    ).bind(app_args, info, downstream_app)
+    ).bind(app_args, info, downstream_app, ClientState.bind(app_args) if app_args.shared_client_state else None)
 
 
 # ---------------------------------------------------------------------------------------------------- trn serve

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-from kornia.enhance import jpeg_codec_differentiable
-from kornia.filters import gaussian_blur2d, median_blur
 
 from trn.defenses.base import InputTransform
 from trn.defenses.base import straight_through as _straight_through
@@ -78,6 +76,8 @@ def jpeg(x: torch.Tensor, quality: float = 75.0) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.clone()
     rgb = x.expand(-1, 3, -1, -1) if c == 1 else x
+    from kornia.enhance import jpeg_codec_differentiable  # kornia costs ~1 s to import: only when used
+
     out = jpeg_codec_differentiable(rgb, torch.tensor([q], device=x.device, dtype=x.dtype))
     if c == 1:
         out = out.mean(1, keepdim=True)
@@ -161,6 +161,8 @@ def median_smoothing(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     check_images(x, allow_empty=True, name="x")
     if x.shape[0] == 0:
         return x.clone()
+    from kornia.filters import median_blur
+
     return median_blur(x, k)
 
 
@@ -198,6 +200,8 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 3, sigma: float = 1.0) -> 
     check_images(x, allow_empty=True, name="x")
     if x.shape[0] == 0:
         return x.clone()
+    from kornia.filters import gaussian_blur2d
+
     return gaussian_blur2d(x, (k, k), (s, s)).clamp(0.0, 1.0)
 
 

@@ -115,6 +115,13 @@ def test_zoo_batch_and_loss():
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and parts["kl"] == pytest.approx(0.0, abs=1e-6)
     loss2, _ = agnostic_loss(x_in, x, is_clean, zoo, logp, cfg)
     assert loss2.item() > 0
+    feat_cfg = AgnosticTrainConfig(chunks=4, clean_chunks=1, attacks=["fgsm"], feature_weight=2.0)
+    feats = [m.forward_features(x) for m in zoo]
+    loss0, parts0 = agnostic_loss(x.clone(), x, is_clean, zoo, logp, feat_cfg, feats)
+    assert parts0["feat"] == pytest.approx(0.0, abs=1e-6) and loss0.item() == pytest.approx(0.0, abs=1e-6)
+    loss3, parts3 = agnostic_loss(x_in, x, is_clean, zoo, logp, feat_cfg, feats)
+    assert parts3["feat"] > 0 and loss3.item() == pytest.approx(loss2.item() + 2.0 * parts3["feat"], rel=1e-5)
+    assert parts3["kl"] == pytest.approx(agnostic_loss(x_in, x, is_clean, zoo, logp, cfg)[1]["kl"], rel=1e-5)
     from trn.data import ImageDataset
 
     ds = ImageDataset(torch.arange(100.0).div(100).view(100, 1, 1, 1).expand(100, 1, 28, 28).contiguous(),

@@ -100,6 +100,9 @@ class AgnosticTrainConfig:
     mse_weight: float = 20.0                   # fidelity: L1 + mse_weight * MSE (MSE is what PSNR reads)
     clean_weight: float = 3.0                  # clean chunks' fidelity counts this many times
     kl_weight: float = 0.5                     # consistency: KL averaged over the zoo members
+    feature_weight: float = 0.0                # HGD-style consistency (Liao et al. 2018): relative L1 distance of
+                                               # each member's penultimate features (forward_features), restored vs
+                                               # clean, averaged over the zoo; 0: off
     epochs: int = 2
     epoch_images: int | None = None            # training images per epoch (fresh random draw); None: all of them
     batch_size: int = 128
@@ -131,7 +134,7 @@ class AgnosticTrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epoch_images is not None and self.epoch_images < 1:
             raise ConfigError(f"epoch_images must be >= 1 or null, got {self.epoch_images}")
-        for name in ("mse_weight", "clean_weight", "kl_weight", "lr"):
+        for name in ("mse_weight", "clean_weight", "kl_weight", "feature_weight", "lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -220,22 +223,38 @@ def restore_zoo_batch(restorer: Restorer, zoo: list[nn.Module], x_in: torch.Tens
 
 
 def agnostic_loss(restored: torch.Tensor, clean: torch.Tensor, is_clean: torch.Tensor, zoo: list[nn.Module],
-                  clean_logp: list[torch.Tensor], cfg: AgnosticTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Fidelity (L1 + MSE, clean images weighted ``clean_weight``) + KL consistency averaged over the zoo.
+                  clean_logp: list[torch.Tensor], cfg: AgnosticTrainConfig,
+                  clean_feats: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Fidelity (L1 + MSE, clean images weighted ``clean_weight``) + KL consistency averaged over the zoo, + with
+    ``clean_feats`` (``feature_weight > 0``) the members' penultimate features' relative L1 distance (HGD).
 
     Shape:
-        restored, clean: (B, C, H, W); is_clean: (B,) bool; clean_logp: one (B, K) log-softmax per zoo member.
+        restored, clean: (B, C, H, W); is_clean: (B,) bool; clean_logp: one (B, K) log-softmax per zoo member;
+        clean_feats: one (B, ...) ``forward_features`` output per member.
     """
     w = torch.where(is_clean, cfg.clean_weight, 1.0).to(restored.dtype)
     w = w / w.mean()
     diff = restored - clean
     l1 = (diff.abs().flatten(1).mean(1) * w).mean()
     mse = (diff.pow(2).flatten(1).mean(1) * w).mean()
-    kls = [F.kl_div(F.log_softmax(m(restored), 1), lp, log_target=True, reduction="batchmean")
-           for m, lp in zip(zoo, clean_logp, strict=True)]
+    kls, feats = [], []
+    for i, (m, lp) in enumerate(zip(zoo, clean_logp, strict=True)):
+        if clean_feats is None:
+            logits = m(restored)
+        else:
+            f = m.forward_features(restored)
+            logits = m.forward_head(f)
+            fc = clean_feats[i]
+            feats.append((f - fc).abs().flatten(1).mean(1).div(fc.abs().flatten(1).mean(1).clamp_min(1e-6)).mean())
+        kls.append(F.kl_div(F.log_softmax(logits, 1), lp, log_target=True, reduction="batchmean"))
     kl = torch.stack(kls).mean()
     loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
-    return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    parts = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    if feats:
+        feat = torch.stack(feats).mean()
+        loss = loss + cfg.feature_weight * feat
+        parts["feat"] = feat.item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -368,6 +387,10 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
     if zoo is None:
         zoo = [load_downstream(p, train.shape, train.num_classes, device) for p in cfg.zoo]
     zoo = [m.to(device).eval() for m in zoo]
+    if cfg.feature_weight > 0 and not all(callable(getattr(m, n, None)) for m in zoo
+                                          for n in ("forward_features", "forward_head")):
+        raise ConfigError("feature_weight > 0 needs zoo members with forward_features / forward_head (this project's "
+                          "checkpoints have them; TorchScript / export files do not)")
     for m in zoo:
         for prm in m.parameters():
             prm.requires_grad_(False)
@@ -395,9 +418,13 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
             x, y = train.images[perm[s]].to(device), train.labels[perm[s]].to(device)
             x_in, is_clean, _, sources = make_zoo_batch(zoo, x, y, cfg, rng)
             with torch.no_grad():
-                clean_logp = [F.log_softmax(m(x), 1) for m in zoo]
+                if cfg.feature_weight > 0:
+                    clean_feats = [m.forward_features(x) for m in zoo]
+                    clean_logp = [F.log_softmax(m.forward_head(f), 1) for m, f in zip(zoo, clean_feats, strict=True)]
+                else:
+                    clean_feats, clean_logp = None, [F.log_softmax(m(x), 1) for m in zoo]
             restored = restore_zoo_batch(restorer, zoo, x_in, sources, cfg, rng)
-            loss, parts = agnostic_loss(restored, x, is_clean, zoo, clean_logp, cfg)
+            loss, parts = agnostic_loss(restored, x, is_clean, zoo, clean_logp, cfg, clean_feats)
             for group in opt.param_groups:  # cosine decay, a pure function of the step (resume-safe)
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
             opt.zero_grad(set_to_none=True)

@@ -28,8 +28,8 @@ Launch it with ``trn serve --config configs/serve.yaml``, ``serve run trn_worker
 ``@serve.batch``, the app builder, ``trn serve``); the settings (:mod:`trn.serve_config`, Pydantic), the HTTP schema,
 parsing, output policy of a request and external classifier (:mod:`trn.http_api`), the budget's keys and 429s
 (:mod:`trn.query_budget`), the detector (:mod:`trn.query_detector`) and both as one call (:mod:`trn.client_screen`),
-decoding, model loading, build-time checks and
-the defence split (:mod:`trn.serving`) are library code that never imports Ray.
+decoding, model loading, build-time checks and the defence split (:mod:`trn.serving`) are library code that never
+imports Ray.
 """
 
 import asyncio

@@ -57,11 +57,11 @@ class ClientScreen:
             counts.append((BUDGET_METRIC, n, "charged" if decision.allowed else "refused"))
             if refusal is not None:
                 return counts, refusal
+        refusal = None
         if self.detector is not None and images is not None:
             verdict, refusal = screen_request(self.detector, key, images, now)
             if refusal is not None:
                 counts.append((DETECTOR_METRIC, n, "refused"))
             else:
                 counts += [(DETECTOR_METRIC, n - verdict.matched, "passed"), (DETECTOR_METRIC, verdict.matched, "similar")]
-            return [c for c in counts if c[1] > 0], refusal
-        return [c for c in counts if c[1] > 0], None
+        return [c for c in counts if c[1] > 0], refusal

@@ -283,14 +283,18 @@ class NpzRows:
     labels: np.ndarray
     class_names: tuple[str, ...]
     bad: dict[int, str] = field(default_factory=dict)
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def digest(self) -> str:
-        """What a resumed job must match: the arrays, not the file's bytes (zip timestamps change those)."""
-        h = hashlib.sha256(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
-        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
-        if self.bad:
-            h.update(json.dumps(sorted(self.bad)).encode())
-        return h.hexdigest()[:16]
+        """What a resumed job must match: the arrays, not the file's bytes (zip timestamps change those). Hashed
+        once (the job spec and the actors' check both need it)."""
+        if self._digest is None:
+            h = hashlib.sha256(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+            if self.bad:
+                h.update(json.dumps(sorted(self.bad)).encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
 
 def read_npz_rows(path: str | os.PathLike) -> NpzRows:

@@ -67,8 +67,8 @@ __all__ = ["AgnosticTrainConfig", "Ensemble", "agnostic_loss", "split_train_val"
            "validate_restorer"]
 log = logging.getLogger(__name__)
 
-_TRAIN_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw", "random_sign")
 _DEFAULT_ATTACKS = ("fgsm", "bim", "pgd", "mim", "cw")
+_TRAIN_ATTACKS = (*_DEFAULT_ATTACKS, "random_sign")  # random_sign only when a config asks for it
 
 
 @dataclass(frozen=True)

@@ -270,15 +270,16 @@ class TRNService:
         """Charge ``n`` queries to the caller's budget (:func:`trn.query_budget.charge_request`), then screen
         ``images`` (classify endpoints) with the detector (:func:`trn.query_detector.screen_request`), both counted
         as Ray metrics; 429 (or 403: refused for good) when either says no."""
+        if self.args.query_budget is None and self.args.query_detector is None:
+            return
         host = request.client.host if request.client else None
         key = client_key(request.headers, self.key_header, host)
-        stacked = np.stack(images) if images is not None else None
+        # only the detector reads pixels: a budget-only screen gets none (nothing to stack or ship to ClientState)
+        stacked = np.stack(images) if images is not None and self.args.query_detector is not None else None
         if self.client_state is not None:
             counts, refusal = await self.client_state.screen.remote(key, n, stacked)
-        elif self.screen_state.budget is not None or self.screen_state.detector is not None:
-            counts, refusal = await asyncio.to_thread(self.screen_state.screen, key, n, stacked)  # off the loop
         else:
-            return
+            counts, refusal = await asyncio.to_thread(self.screen_state.screen, key, n, stacked)  # off the loop
         for name, k, outcome in counts:
             self._count(name, k, outcome)
         if refusal is not None:

@@ -265,7 +265,6 @@ def test_service_refuses_the_attacking_key_only(fmnist, tmp_path) -> None:
                          "output": {"policy": "full"}, "query_detector": {"max_similar": 2, "cooldown_s": 600}})
         serve.run(app, name="detect", route_prefix="/d")
         assert "ClientState" not in serve.status().applications["detect"].deployments  # one replica: kept in it
-        _check_shared_state_across_replicas(serve, httpx, port, tmp_path / "tiny", fmnist)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/d", timeout=60) as c:
             png = {"Content-Type": "image/png"}
             x = fmnist[:1]
@@ -293,25 +292,40 @@ def test_service_refuses_the_attacking_key_only(fmnist, tmp_path) -> None:
         ray.shutdown()
 
 
-def _check_shared_state_across_replicas(serve, httpx, port: int, restorer, fmnist) -> None:
+@pytest.mark.ray
+def test_client_state_is_shared_across_replicas(fmnist, tmp_path) -> None:
     """Two restorer replicas (client_state auto -> shared): a client's budget and query history are the app's, not
     a replica's. Per replica, 5 distinct images at burst 3 pass unless all but two reach one replica; shared,
     exactly 3 do, and an image sent again is refused (max_similar 0) whichever replica each copy reached."""
+    httpx = pytest.importorskip("httpx")
+    serve = pytest.importorskip("ray.serve")
+
+    from trn.restorer import Restorer
     from trn_workers.serve import build_app
 
-    app = build_app({"restorer": str(restorer), "num_cpus": 0.25, "num_replicas": 2, "health_check_period_s": 2.0,
-                     "output": {"policy": "full"}, "query_budget": {"rate": 0.001, "burst": 3},
-                     "query_detector": {"max_similar": 0, "cooldown_s": 600}})
-    serve.run(app, name="shared", route_prefix="/s")
-    deployments = serve.status().applications["shared"].deployments
-    assert "ClientState" in deployments and len(deployments) == 2
-    png = {"Content-Type": "image/png"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}/s", timeout=60) as c:
-        codes = [c.post("/v1/classify", content=_png(fmnist[20 + i]), headers={**png, "x-api-key": "dave"}).status_code
-                 for i in range(5)]
-        assert codes == [200, 200, 200, 429, 429], codes
-        replies = [c.post("/v1/classify", content=_png(fmnist[40]), headers={**png, "x-api-key": "frank"})
-                   for _ in range(2)]
-        assert [r.status_code for r in replies] == [200, 429]
-        assert replies[1].json()["error"]["type"] == "QueryAttackDetected"
-    serve.delete("shared")
+    Restorer.build((1, 28, 28), num_classes=10, seed=0).save(tmp_path / "tiny")
+    ray = start_ray(2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"restorer": str(tmp_path / "tiny"), "num_cpus": 0.25, "num_replicas": 2,
+                         "health_check_period_s": 2.0, "output": {"policy": "full"},
+                         "query_budget": {"rate": 0.001, "burst": 3},
+                         "query_detector": {"max_similar": 0, "cooldown_s": 600}})
+        serve.run(app, name="shared", route_prefix="/s")
+        deployments = serve.status().applications["shared"].deployments
+        assert "ClientState" in deployments and len(deployments) == 2
+        png = {"Content-Type": "image/png"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/s", timeout=60) as c:
+            codes = [c.post("/v1/classify", content=_png(fmnist[20 + i]),
+                            headers={**png, "x-api-key": "dave"}).status_code for i in range(5)]
+            assert codes == [200, 200, 200, 429, 429], codes
+            replies = [c.post("/v1/classify", content=_png(fmnist[40]), headers={**png, "x-api-key": "frank"})
+                       for _ in range(2)]
+            assert [r.status_code for r in replies] == [200, 429]
+            assert replies[1].json()["error"]["type"] == "QueryAttackDetected"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

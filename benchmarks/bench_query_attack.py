@@ -9,7 +9,9 @@ The service runs on loopback exactly as ``trn serve`` runs it (Ray Serve, TRN ->
 ``none`` (TRN alone), ``aaa`` (AAA score post-processing: margin reversed, top-1 probability kept), ``aaa_c`` (AAA
 with the top-1 log-odds reversed too, ``confidence_interval: 0.5``), ``rnd`` (RND input noise after TRN, seeded per image) and
 ``unig`` (UniG in its serving mode: per-request, reference images from the training set) and ``detect`` (TRN alone
-behind the similar-query detector, ``app.query_detector`` at its defaults: :mod:`trn.query_detector`). Each app allows
+behind the similar-query detector, ``app.query_detector`` at its defaults: :mod:`trn.query_detector`), ``detect_fb``
+(the same, with the adversarially trained restorer as the ``trn`` stage's fallback for the images the restorer
+changes by more than 0.06 RMS: :mod:`trn.defenses.fallback`). Each app allows
 ``full`` output; each cell asks for its output policy per request (``?output=...``), as a client may.
 
 Attacks (the attacker only talks HTTP, one ``POST /v1/classify/batch`` carries every image of one attack step):
@@ -66,8 +68,9 @@ DEFENCES = {
     "rnd": ["trn", {"name": "rnd", "std": 0.02}],
     "unig": ["trn", {"name": "unig", "reference_dataset": "fashion-mnist", "num_reference": 4}],
     "detect": ["trn"],
+    "detect_fb": [{"name": "trn", "fallback": "checkpoints/trn_fmnist_robust", "fallback_above": 0.06}],
 }
-DETECTORS = {"detect": {}}  # app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
+DETECTORS = {"detect": {}, "detect_fb": {}}  # app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
 POLICIES = {"full": {"output": "full"}, "top_k": {"output": "top_k", "k": 3},
             "rounded": {"output": "rounded", "decimals": 2}, "label": {"output": "label"}}
 RANDOMISED = ("rnd", "unig")

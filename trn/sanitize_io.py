@@ -730,8 +730,8 @@ def build_stack(spec: list[dict[str, Any]], restorer: Restorer) -> Any:
 
 
 def prepare_defenses(defenses: Any, restorer: Restorer) -> list[dict[str, Any]]:
-    """The job's defence stack (``--defenses``; None: ``[trn]``) in canonical form, ``trn`` checkpoints made
-    absolute, checked by building it once around ``restorer`` (on the driver, before Ray starts).
+    """The job's defence stack (``--defenses``; None: ``[trn]``) in canonical form, ``trn`` checkpoints (and
+    ``map_from`` / ``fallback`` files) made absolute, checked by building it once around ``restorer`` (on the driver, before Ray starts).
 
     Raises:
         ConfigError / CheckpointError: a bad spec or an unusable checkpoint.
@@ -739,10 +739,10 @@ def prepare_defenses(defenses: Any, restorer: Restorer) -> list[dict[str, Any]]:
     spec = load_defense_spec(defenses)
     spec = default_defenses() if spec is None else spec
 
-    def resolve(i: int, path: str) -> str:
+    def resolve(i: int, path: str, key: str = "checkpoint") -> str:
         t = checkpoint_paths(path)[0]
         if not t.is_file():
-            raise ConfigError(f"--defenses: defence #{i} (trn): checkpoint file not found: {t}")
+            raise ConfigError(f"--defenses: defence #{i} (trn): {key} file not found: {t}")
         return str(t.resolve().with_suffix(""))
 
     def resolve_classifier(i: int, path: str) -> str:
@@ -754,6 +754,7 @@ def prepare_defenses(defenses: Any, restorer: Restorer) -> list[dict[str, Any]]:
 
     spec = map_trn_checkpoints(spec, resolve)
     spec = map_trn_checkpoints(spec, resolve_classifier, key="map_from")  # actors read it: absolute paths
+    spec = map_trn_checkpoints(spec, lambda i, p: resolve(i, p, "fallback"), key="fallback")  # so is a fallback
     try:
         stack = build_stack(spec, restorer)
     except ConfigError as e:
@@ -772,7 +773,8 @@ def job_spec(plan: JobPlan, checkpoint: Path, defenses: list[dict[str, Any]], re
                             "checkpoint": str(checkpoint_paths(checkpoint)[0].resolve()),
                             "checkpoint_sha256": checkpoint_digest(checkpoint), "resize": resize,
                             "max_pixels": max_pixels, "defenses": defenses}
-    stack_digests = [checkpoint_digest(e["checkpoint"]) for e in defenses if e["name"] == "trn" and e.get("checkpoint")]
+    stack_digests = [checkpoint_digest(e[k]) for e in defenses if e["name"] == "trn"
+                     for k in ("checkpoint", "fallback") if e.get(k)]
     if stack_digests:
         spec["defenses_checkpoint_sha256"] = stack_digests
     if plan.kind == "parquet":

@@ -322,6 +322,9 @@ class AppArgs(_Args):
             defenses = map_trn_checkpoints(
                 defenses, lambda i, path: _resolve(path, f"defenses[{i}] (trn) map_from", (".safetensors", "")),
                 key="map_from")
+            defenses = map_trn_checkpoints(
+                defenses, lambda i, path: _resolve(path, f"defenses[{i}] (trn) fallback", (".safetensors",)),
+                key="fallback")
         return self.model_copy(update={"restorer": restorer, "downstream": ds, "defenses": defenses})
 
 

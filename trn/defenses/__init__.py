@@ -5,6 +5,8 @@
 * :mod:`~trn.defenses.aaa`: AAA score post-processing (misleads score-based query attacks; label and confidence kept).
 * :mod:`~trn.defenses.rnd`: RND, Gaussian noise on each query's input (seeded per image by default).
 * :mod:`~trn.defenses.gfa`: DeepDefense gradient-feature alignment (a training regulariser).
+* :mod:`~trn.defenses.fallback`: a second restorer for the images the first one changes a lot (the ``trn`` stage's
+  ``fallback``).
 * :mod:`~trn.defenses.transforms`: JPEG, bit-depth reduction, median and Gaussian smoothing.
 * :mod:`~trn.defenses.stack`: compose them (and the TRN restorer) from a config list.
 * :mod:`~trn.defenses.spec`: specs as plain data (YAML/inline parsing, canonical form) for batch jobs and services.
@@ -17,6 +19,7 @@ Importing this package does not import :mod:`trn.restorer`.
 
 from trn.defenses.aaa import AAAClassifier, aaa_probabilities
 from trn.defenses.base import InputTransform, bpda_policy, has_feature_split, is_randomized, straight_through
+from trn.defenses.fallback import FallbackRestorer, restoration_change
 from trn.defenses.gcm import GCM, GCMClassifier, gcm
 from trn.defenses.gfa import gfa_layer_names, gfa_penalty
 from trn.defenses.rnd import RandomNoise, image_seed, random_noise
@@ -47,6 +50,7 @@ __all__ = [
     "AAAClassifier",
     "BitDepthReduction",
     "DefenseStack",
+    "FallbackRestorer",
     "GCMClassifier",
     "GaussianBlur",
     "InputTransform",
@@ -72,5 +76,6 @@ __all__ = [
     "median_smoothing",
     "parse_defense_spec",
     "random_noise",
+    "restoration_change",
     "straight_through",
 ]

@@ -144,8 +144,8 @@ def uses_default_restorer(spec: Sequence[dict[str, Any]]) -> bool:
 
 def map_trn_checkpoints(spec: Sequence[dict[str, Any]], fn: Callable[[int, str], str],
                         key: str = "checkpoint") -> list[dict[str, Any]]:
-    """A copy of ``spec`` with each ``trn`` entry's ``key`` path (its ``checkpoint``, or the ``map_from``
-    classifier) replaced by ``fn(index, path)``.
+    """A copy of ``spec`` with each ``trn`` entry's ``key`` path (its ``checkpoint``, the ``map_from`` classifier
+    or the ``fallback`` checkpoint) replaced by ``fn(index, path)``.
 
     Raises:
         ConfigError: a path that is not a string.

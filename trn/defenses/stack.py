@@ -12,8 +12,10 @@ classifier wrappers, which wrap the classifier in the listed order (the first li
 Input-side stages:
     ``jpeg`` (quality, bpda), ``bit_depth`` (bits, bpda, straight_through), ``median`` (kernel_size, bpda),
     ``gaussian_blur`` (kernel_size, sigma, bpda), ``rnd`` (std, deterministic, salt, bpda: Gaussian noise on each
-    query, seeded per image by default), ``trn`` (checkpoint, bpda): a TRN :class:`~trn.restorer.Restorer`,
-    loaded lazily from ``checkpoint`` or given as ``restorer=``.
+    query, seeded per image by default), ``trn`` (checkpoint, bpda, map_from, fallback, fallback_above): a TRN
+    :class:`~trn.restorer.Restorer`, loaded lazily from ``checkpoint`` or given as ``restorer=``; with ``fallback``
+    (a checkpoint) the images it changes by more than ``fallback_above`` (RMS) get that restorer's output instead
+    (:class:`~trn.defenses.fallback.FallbackRestorer`).
 Classifier wrappers:
     ``gcm`` (w, eps, bpda), ``unig`` (delta, steps, lr, momentum, weight_decay, num_reference, seed,
     reference_images, reference_dataset, reference_data_dir: ``num_reference`` training images of that dataset,
@@ -70,7 +72,7 @@ _ALIASES = {
     "bitdepth": "bit_depth", "bit_depth_reduction": "bit_depth", "median_smoothing": "median", "median_blur": "median",
     "blur": "gaussian_blur", "gaussian": "gaussian_blur", "restorer": "trn", "random_noise": "rnd", "noise": "rnd",
 }
-_TRN_PARAMS = ("checkpoint", "bpda", "map_from")
+_TRN_PARAMS = ("checkpoint", "bpda", "map_from", "fallback", "fallback_above")
 _UNIG_EXTRA = ("reference_dataset", "reference_data_dir")
 
 
@@ -179,7 +181,8 @@ class RestorerStage(nn.Module):
         if self.bpda:
             return self.bpda_forward(x)
         differentiating = torch.is_grad_enabled() and x.requires_grad
-        if self.map_surrogate is not None and self.has_map and differentiating and not self.hold_map:
+        if self.map_surrogate is not None and self.has_map and differentiating and not self.hold_map \
+                and hasattr(self.restorer, "net"):  # a fallback pair has no single map: end to end instead
             r = self.restorer
             g = r.gradient_map(x)                                          # exact map, constant
             g_smooth = r.estimator(x, self.map_surrogate, create_graph=True)  # the surrogate's map, differentiable
@@ -189,6 +192,9 @@ class RestorerStage(nn.Module):
     @property
     def has_map(self) -> bool:
         """Whether the restorer reads a gradient map (so that holding it constant is a distinct attack)."""
+        reads = getattr(self.restorer, "reads_gradient_map", None)  # a FallbackRestorer: either of its two
+        if reads is not None:
+            return self._takes_create_graph and bool(reads)
         net = getattr(self.restorer, "net", None)
         return self._takes_create_graph and bool(getattr(getattr(net, "cfg", None), "two_stream", False))
 
@@ -219,7 +225,24 @@ def _load_restorer(i: int, params: dict[str, Any], restorer: nn.Module | None,
 
         classifier = load_downstream(map_from, tuple(restorer.image_shape), len(restorer.class_names), device)
         restorer = restorer.with_map_from(classifier)
+    restorer = _with_fallback(i, params, restorer, device)
     return _construct(i, "trn", RestorerStage, restorer, bpda=params.get("bpda", False))
+
+
+def _with_fallback(i: int, params: dict[str, Any], restorer: nn.Module, device: torch.device | str) -> nn.Module:
+    """``restorer``, or a :class:`~trn.defenses.fallback.FallbackRestorer` when the entry names a ``fallback``."""
+    path, threshold = params.get("fallback"), params.get("fallback_above")
+    if path is None and threshold is None:
+        return restorer
+    if path is None or threshold is None:
+        raise ConfigError(f"defence #{i} (trn): give both 'fallback: CHECKPOINT' (the restorer for images this one "
+                          "changes a lot) and 'fallback_above: RMS' (e.g. 0.06), or neither")
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"defence #{i} (trn): fallback must be a checkpoint path, got {path!r}")
+    from trn.defenses.fallback import FallbackRestorer
+    from trn.restorer import Restorer
+
+    return _construct(i, "trn", FallbackRestorer, restorer, Restorer.load(path, device), threshold)
 
 
 class Preprocessor(nn.Module):

@@ -1,0 +1,111 @@
+"""Choose the ``trn`` stage's ``fallback_above`` on validation images, and show what routing buys before any service.
+
+    python benchmarks/fallback_threshold.py        # agnostic -> robust fallback, the agnostic net's 500 validation images
+
+The images are the primary restorer's own validation split (``split_train_val`` with its training config's
+``val_size`` and ``seed``: carved from the training set, never trained on, never the test set). Prints, for clean images
+and for images with Square's opening move (vertical +-eps stripes, one random sign per column), the quantiles of the
+primary's per-image RMS change; then, for thresholds at quantiles of the clean change, the fraction routed to the
+fallback and the guard's accuracy after the primary alone, the fallback alone and the routed pair; then a short
+in-process Square (``--queries``, no detector) against each, counting the images broken within 2 and within 10 queries
+(the ones a similar-query detector, which needs repeated queries, cannot stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--primary", default=str(REPO / "checkpoints" / "trn_fmnist_agnostic"))
+    p.add_argument("--fallback", default=str(REPO / "checkpoints" / "trn_fmnist_robust"))
+    p.add_argument("--quantiles", default="0.95,0.98,0.99,0.995")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--queries", type=int, default=30, help="in-process Square queries per image (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from trn.attacks import Square
+    from trn.data import load_fashion_mnist
+    from trn.defenses import FallbackRestorer, restoration_change
+    from trn.restorer import Restorer
+    from trn.train_agnostic import split_train_val
+
+    primary, fallback = Restorer.load(args.primary), Restorer.load(args.fallback)
+    guard = primary.guard
+    cfg = json.loads(Path(args.primary + ".json").read_text()).get("config", {})
+    val_size, split_seed = int(cfg.get("val_size", 500)), int(cfg.get("seed", 0))
+    _, val = split_train_val(load_fashion_mnist(split="train"), val_size, split_seed)
+    x, y = val.images.float(), val.labels
+    g = torch.Generator().manual_seed(args.seed)
+    stripes = torch.randint(0, 2, (len(x), x.shape[1], 1, x.shape[3]), generator=g).float() * 2 - 1
+    noisy = (x + args.eps * stripes).clamp(0, 1)  # (N, C, H, W): Square's first query
+    print(f"{len(x)} validation images (val_size {val_size}, seed {split_seed} of {Path(args.primary).name}'s "
+          f"config); primary {Path(args.primary).name}, fallback {Path(args.fallback).name}; eps {args.eps}")
+
+    def restore(r: torch.nn.Module, xx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([r(xx[i:i + 250]).detach() for i in range(0, len(xx), 250)])
+
+    def acc(z: torch.Tensor) -> float:
+        with torch.no_grad():
+            return 100 * (guard(z).argmax(1) == y).float().mean().item()
+
+    out = {}
+    for name, xx in (("clean", x), ("stripes", noisy)):
+        rp, rf = restore(primary, xx), restore(fallback, xx)
+        out[name] = (xx, rp, rf, restoration_change(xx, rp))
+    qs = [float(q) for q in args.quantiles.split(",")]
+    levels = torch.tensor([0.5, 0.9, *qs])
+    print("\n| input | guard alone | primary | fallback | primary's change: " +
+          " | ".join(f"q{q:g}" for q in levels.tolist()) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(levels))
+    for name, (xx, rp, rf, ch) in out.items():
+        cells = " | ".join(f"{v:.4f}" for v in torch.quantile(ch, levels).tolist())
+        print(f"| {name} | {acc(xx):.1f} | {acc(rp):.1f} | {acc(rf):.1f} | {cells} |")
+    print("\n| threshold (clean quantile) | routed clean | routed stripes | routed pair: clean acc | stripes acc |")
+    print("|---|---:|---:|---:|---:|")
+    for q in qs:
+        t = torch.quantile(out["clean"][3], q).item()
+        row = []
+        for name in ("clean", "stripes"):
+            xx, rp, rf, ch = out[name]
+            row.append(((ch > t).float().mean().item(), acc(torch.where((ch > t).view(-1, 1, 1, 1), rf, rp))))
+        print(f"| {t:.4f} (q{q:g}) | {100 * row[0][0]:.1f} % | {100 * row[1][0]:.1f} % | {row[0][1]:.1f} | "
+              f"{row[1][1]:.1f} |")
+    if args.queries <= 0:
+        return 0
+    t = torch.quantile(out["clean"][3], 0.99).item()
+    print(f"\nIn-process Square, {args.queries} queries, p_init 0.3, no detector, threshold {t:.4f} (q0.99); images "
+          "the model gets right attacked:")
+    print("| model | clean acc | attacked | broken within 2 queries | within 10 | robust after all |")
+    print("|---|---:|---:|---:|---:|---:|")
+    pair = FallbackRestorer(primary, fallback, t)
+    for name, r in (("primary", primary), ("fallback", fallback), ("routed pair", pair)):
+        def model(b: torch.Tensor, r: torch.nn.Module = r) -> torch.Tensor:
+            return guard(r(b).detach())
+        with torch.no_grad():
+            ok = (model(x).argmax(1) == y)
+        idx = ok.nonzero().flatten()
+        atk = Square(eps=args.eps, queries=args.queries, p_init=0.3, seed=args.seed)
+        t0 = time.perf_counter()
+        xa = atk(model, x[idx], y[idx])
+        with torch.no_grad():
+            broke = model(xa).argmax(1) != y[idx]
+        n = atk.last_queries
+        print(f"| {name} | {100 * ok.float().mean().item():.1f} | {len(idx)} | {int((broke & (n <= 2)).sum())} | "
+              f"{int((broke & (n <= 10)).sum())} | {100 * (1 - broke.float().mean().item()):.1f} % "
+              f"({time.perf_counter() - t0:.0f} s) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,9 +4,10 @@ A restorer trained to keep clean images clean (the agnostic net: 33 dB on clean 
 image little and a noisy one a lot, because removing the noise is its job. The per-image RMS change
 ``||R(x) - x|| / sqrt(C*H*W)`` therefore tells the two apart, and the images that needed a large change can be given
 to a restorer built for hostile inputs (the adversarially trained one), which costs clean accuracy when it sees every
-image but not when it sees only these. Measured on 1,000 Fashion-MNIST training images held out of every restorer's
-training (the last 1,000 of the split): the agnostic net's change has a 99th percentile of 0.062 on clean images and
-a median of 0.088 on images with Square's opening +-0.1 stripes (docs/design.md, "The query shield's fallback").
+image but not when it sees only these. Measured on the agnostic net's 500 validation images (carved from the
+training split, never trained on): its change has a 99th percentile of 0.065 on clean images and a median of 0.088 on
+images with Square's opening +-0.1 stripes (``benchmarks/fallback_threshold.py``; docs/design.md, "The query
+shield's fallback restorer").
 
     >>> stage = FallbackRestorer(agnostic, robust, threshold=0.06)
     >>> y = stage(x)             # (N, C, H, W): agnostic(x)[i], or robust(x)[i] where agnostic changed x[i] by > 0.06

@@ -70,7 +70,8 @@ DEFENCES = {
     "detect": ["trn"],
     "detect_fb": [{"name": "trn", "fallback": "checkpoints/trn_fmnist_robust", "fallback_above": 0.06}],
 }
-DETECTORS = {"detect": {}, "detect_fb": {}}  # app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
+# app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
+DETECTORS = {"detect": {}, "detect_fb": {}}
 POLICIES = {"full": {"output": "full"}, "top_k": {"output": "top_k", "k": 3},
             "rounded": {"output": "rounded", "decimals": 2}, "label": {"output": "label"}}
 RANDOMISED = ("rnd", "unig")

@@ -1,6 +1,6 @@
 """Choose the ``trn`` stage's ``fallback_above`` on validation images, and show what routing buys before any service.
 
-    python benchmarks/fallback_threshold.py        # agnostic -> robust fallback, the agnostic net's 500 validation images
+    python benchmarks/fallback_threshold.py   # agnostic -> robust fallback, the agnostic net's 500 validation images
 
 The images are the primary restorer's own validation split (``split_train_val`` with its training config's
 ``val_size`` and ``seed``: carved from the training set, never trained on, never the test set). Prints, for clean images

@@ -731,7 +731,8 @@ def build_stack(spec: list[dict[str, Any]], restorer: Restorer) -> Any:
 
 def prepare_defenses(defenses: Any, restorer: Restorer) -> list[dict[str, Any]]:
     """The job's defence stack (``--defenses``; None: ``[trn]``) in canonical form, ``trn`` checkpoints (and
-    ``map_from`` / ``fallback`` files) made absolute, checked by building it once around ``restorer`` (on the driver, before Ray starts).
+    ``map_from`` / ``fallback`` files) made absolute, checked by building it once around ``restorer`` (on the
+    driver, before Ray starts).
 
     Raises:
         ConfigError / CheckpointError: a bad spec or an unusable checkpoint.

@@ -6,9 +6,9 @@ The images are the primary restorer's own validation split (``split_train_val`` 
 ``val_size`` and ``seed``: carved from the training set, never trained on, never the test set). Prints, for clean images
 and for images with Square's opening move (vertical +-eps stripes, one random sign per column), the quantiles of the
 primary's per-image RMS change; then, for thresholds at quantiles of the clean change, the fraction routed to the
-fallback and the guard's accuracy after the primary alone, the fallback alone and the routed pair; then a short
-in-process Square (``--queries``, no detector) against each, counting the images broken within 2 and within 10 queries
-(the ones a similar-query detector, which needs repeated queries, cannot stop).
+fallback and the guard's accuracy after the primary alone, the fallback alone and the routed pair at ``--threshold``;
+then a short in-process Square (``--queries``, no detector, ``--seeds`` seeds) against each: the images it breaks
+within that many queries are the ones a similar-query detector, which needs repeated queries, cannot stop.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallback", default=str(REPO / "checkpoints" / "trn_fmnist_robust"))
     p.add_argument("--quantiles", default="0.95,0.98,0.99,0.995")
     p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--queries", type=int, default=30, help="in-process Square queries per image (0: skip)")
+    p.add_argument("--threshold", type=float, default=0.06, help="fallback_above for the Square comparison")
+    p.add_argument("--queries", type=int, default=8, help="in-process Square queries per image (0: skip); a "
+                   "similar-query detector refuses a client after about this many")
+    p.add_argument("--seeds", type=int, default=3, help="Square seeds to average over")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -83,27 +86,28 @@ def main(argv: list[str] | None = None) -> int:
               f"{row[1][1]:.1f} |")
     if args.queries <= 0:
         return 0
-    t = torch.quantile(out["clean"][3], 0.99).item()
-    print(f"\nIn-process Square, {args.queries} queries, p_init 0.3, no detector, threshold {t:.4f} (q0.99); images "
-          "the model gets right attacked:")
-    print("| model | clean acc | attacked | broken within 2 queries | within 10 | robust after all |")
-    print("|---|---:|---:|---:|---:|---:|")
-    pair = FallbackRestorer(primary, fallback, t)
+    seeds = range(args.seed, args.seed + args.seeds)
+    print(f"\nIn-process Square, {args.queries} queries, p_init 0.3, no detector, threshold {args.threshold}; robust "
+          f"accuracy over all {len(x)} images, averaged over {len(seeds)} Square seeds:")
+    print("| model | clean acc | robust | broken within 2 queries (mean) |")
+    print("|---|---:|---:|---:|")
+    pair = FallbackRestorer(primary, fallback, args.threshold)
     for name, r in (("primary", primary), ("fallback", fallback), ("routed pair", pair)):
         def model(b: torch.Tensor, r: torch.nn.Module = r) -> torch.Tensor:
             return guard(r(b).detach())
         with torch.no_grad():
             ok = (model(x).argmax(1) == y)
         idx = ok.nonzero().flatten()
-        atk = Square(eps=args.eps, queries=args.queries, p_init=0.3, seed=args.seed)
-        t0 = time.perf_counter()
-        xa = atk(model, x[idx], y[idx])
-        with torch.no_grad():
-            broke = model(xa).argmax(1) != y[idx]
-        n = atk.last_queries
-        print(f"| {name} | {100 * ok.float().mean().item():.1f} | {len(idx)} | {int((broke & (n <= 2)).sum())} | "
-              f"{int((broke & (n <= 10)).sum())} | {100 * (1 - broke.float().mean().item()):.1f} % "
-              f"({time.perf_counter() - t0:.0f} s) |")
+        robust, early, t0 = [], [], time.perf_counter()
+        for seed in seeds:
+            atk = Square(eps=args.eps, queries=args.queries, p_init=0.3, seed=seed)
+            xa = atk(model, x[idx], y[idx])
+            with torch.no_grad():
+                broke = model(xa).argmax(1) != y[idx]
+            robust.append(100 * (len(idx) - int(broke.sum())) / len(x))
+            early.append(int((broke & (atk.last_queries <= 2)).sum()))
+        print(f"| {name} | {100 * ok.float().mean().item():.1f} | {sum(robust) / len(robust):.1f} % | "
+              f"{sum(early) / len(early):.1f} ({time.perf_counter() - t0:.0f} s) |")
     return 0
 
 

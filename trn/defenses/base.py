@@ -8,16 +8,18 @@ each defence both ways.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from trn.errors import ConfigError
 
-__all__ = ["BPDAPolicy", "InputTransform", "bpda_policy", "has_feature_split", "is_randomized", "straight_through"]
+__all__ = ["BPDAPolicy", "InputTransform", "bpda_policy", "has_feature_split", "is_randomized", "reads_gradient_map",
+           "straight_through", "takes_create_graph"]
 
 BPDAPolicy = Literal["as_built", "nondifferentiable", "all"]
 
@@ -122,3 +124,22 @@ def bpda_policy(module: nn.Module, policy: BPDAPolicy = "nondifferentiable") -> 
     finally:
         for m, flag in zip(stages, saved):
             m.bpda = flag
+
+
+def takes_create_graph(restorer: Any) -> bool:
+    """Whether a restorer (module or callable) accepts ``create_graph=`` (a TRN :class:`~trn.restorer.Restorer`
+    does: its gradient map can then be differentiated)."""
+    fwd = restorer.forward if isinstance(restorer, nn.Module) else restorer
+    try:
+        return "create_graph" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def reads_gradient_map(restorer: Any) -> bool:
+    """Whether a restorer reads a gradient map: a two-stream TRN, or a pair (``reads_gradient_map`` attribute, e.g.
+    :class:`~trn.defenses.fallback.FallbackRestorer`) of which either does."""
+    reads = getattr(restorer, "reads_gradient_map", None)
+    if reads is not None:
+        return bool(reads)
+    return bool(getattr(getattr(getattr(restorer, "net", None), "cfg", None), "two_stream", False))

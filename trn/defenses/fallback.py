@@ -18,13 +18,12 @@ is not differentiated (it is piecewise constant); gradients flow through whichev
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
+from trn.defenses.base import reads_gradient_map, takes_create_graph
 from trn.errors import ConfigError
 from trn.validation import check_images
 
@@ -45,14 +44,6 @@ def restoration_change(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"restoration_change: expected two (N, C, H, W) tensors of one shape, got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     return (y - x).flatten(1).pow(2).mean(1).sqrt()
-
-
-def _takes_create_graph(module: Any) -> bool:
-    fwd = module.forward if isinstance(module, nn.Module) else module
-    try:
-        return "create_graph" in inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class FallbackRestorer(nn.Module):
@@ -86,7 +77,7 @@ class FallbackRestorer(nn.Module):
             raise ConfigError(f"the fallback restorer's guard has {classes[1]} classes but the primary's has "
                               f"{classes[0]}")
         self.primary, self.fallback, self.threshold = primary, fallback, float(threshold)
-        self._graph = (_takes_create_graph(primary), _takes_create_graph(fallback))
+        self._graph = (takes_create_graph(primary), takes_create_graph(fallback))
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -102,8 +93,7 @@ class FallbackRestorer(nn.Module):
 
     @property
     def reads_gradient_map(self) -> bool:
-        return any(bool(getattr(getattr(getattr(r, "net", None), "cfg", None), "two_stream", False))
-                   for r in (self.primary, self.fallback))
+        return reads_gradient_map(self.primary) or reads_gradient_map(self.fallback)
 
     def routed(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """(N,) bool: which images go to the fallback, given the primary's ``restored`` output."""

@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from trn.defenses.aaa import AAAClassifier
-from trn.defenses.base import has_feature_split, is_randomized, straight_through
+from trn.defenses.base import (
+    has_feature_split,
+    is_randomized,
+    reads_gradient_map,
+    straight_through,
+    takes_create_graph,
+)
 from trn.defenses.gcm import GCMClassifier
 from trn.defenses.rnd import RandomNoise
 from trn.defenses.transforms import JPEG, BitDepthReduction, GaussianBlur, MedianSmoothing
@@ -163,11 +169,7 @@ class RestorerStage(nn.Module):
             raise ConfigError(f"the 'trn' stage needs a callable restorer, got {type(restorer).__name__}")
         self.restorer, self.bpda, self.hold_map = restorer, bool(bpda), False
         self.map_surrogate: nn.Module | None = None
-        fwd = restorer.forward if isinstance(restorer, nn.Module) else restorer
-        try:
-            self._takes_create_graph = "create_graph" in inspect.signature(fwd).parameters
-        except (TypeError, ValueError):
-            self._takes_create_graph = False
+        self._takes_create_graph = takes_create_graph(restorer)
 
     def _restore(self, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
         return self.restorer(x, create_graph=create_graph) if self._takes_create_graph else self.restorer(x)
@@ -192,11 +194,7 @@ class RestorerStage(nn.Module):
     @property
     def has_map(self) -> bool:
         """Whether the restorer reads a gradient map (so that holding it constant is a distinct attack)."""
-        reads = getattr(self.restorer, "reads_gradient_map", None)  # a FallbackRestorer: either of its two
-        if reads is not None:
-            return self._takes_create_graph and bool(reads)
-        net = getattr(self.restorer, "net", None)
-        return self._takes_create_graph and bool(getattr(getattr(net, "cfg", None), "two_stream", False))
+        return self._takes_create_graph and reads_gradient_map(self.restorer)
 
     def extra_repr(self) -> str:
         return f"bpda={self.bpda}"

@@ -10,8 +10,9 @@ The service runs on loopback exactly as ``trn serve`` runs it (Ray Serve, TRN ->
 with the top-1 log-odds reversed too, ``confidence_interval: 0.5``), ``rnd`` (RND input noise after TRN, seeded per image) and
 ``unig`` (UniG in its serving mode: per-request, reference images from the training set) and ``detect`` (TRN alone
 behind the similar-query detector, ``app.query_detector`` at its defaults: :mod:`trn.query_detector`), ``detect_fb``
-(the same, with the adversarially trained restorer as the ``trn`` stage's fallback for the images the restorer
-changes by more than 0.06 RMS: :mod:`trn.defenses.fallback`). Each app allows
+(the same, with ``--fallback``, by default the shipped fallback restorer trained on short Square attacks, as the
+``trn`` stage's fallback for the images the restorer changes by more than 0.06 RMS: :mod:`trn.defenses.fallback`).
+Each app allows
 ``full`` output; each cell asks for its output policy per request (``?output=...``), as a client may.
 
 Attacks (the attacker only talks HTTP, one ``POST /v1/classify/batch`` carries every image of one attack step):
@@ -68,7 +69,7 @@ DEFENCES = {
     "rnd": ["trn", {"name": "rnd", "std": 0.02}],
     "unig": ["trn", {"name": "unig", "reference_dataset": "fashion-mnist", "num_reference": 4}],
     "detect": ["trn"],
-    "detect_fb": [{"name": "trn", "fallback": "checkpoints/trn_fmnist_robust", "fallback_above": 0.06}],
+    "detect_fb": [{"name": "trn", "fallback": "checkpoints/trn_fmnist_fallback", "fallback_above": 0.06}],
 }
 # app.query_detector of the defences that screen queries ({}: QueryDetectorArgs defaults)
 DETECTORS = {"detect": {}, "detect_fb": {}}
@@ -395,6 +396,8 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "trn_fmnist"), help="restorer (TRN -> guard)")
+    p.add_argument("--fallback", default=str(REPO / "checkpoints" / "trn_fmnist_fallback"),
+                   help="the detect_fb cells' fallback restorer")
     p.add_argument("--tiny", action="store_true", help="an untrained tiny restorer and random images (smoke test)")
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--ece-images", type=int, default=2000)
@@ -427,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     # one app per defence the cells use (--cells), else per --defences: every app takes a CPU share and a replica
     wanted = {c.split(":")[0] for c in args.cells.split(",") if c} if args.cells else set(args.defences.split(","))
     defences = {k: v for k, v in DEFENCES.items() if k in wanted}
+    if "detect_fb" in defences:
+        defences["detect_fb"] = [{**defences["detect_fb"][0], "fallback": args.fallback}]
     if args.tiny:
         from trn.restorer import Restorer
 

@@ -1,6 +1,7 @@
 """Choose the ``trn`` stage's ``fallback_above`` on validation images, and show what routing buys before any service.
 
-    python benchmarks/fallback_threshold.py   # agnostic -> robust fallback, the agnostic net's 500 validation images
+    python benchmarks/fallback_threshold.py   # agnostic -> shipped fallback, the agnostic net's 500 validation images
+    python benchmarks/fallback_threshold.py --fallback checkpoints/trn_fmnist_robust   # another fallback candidate
 
 The images are the primary restorer's own validation split (``split_train_val`` with its training config's
 ``val_size`` and ``seed``: carved from the training set, never trained on, never the test set). Prints, for clean images
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--primary", default=str(REPO / "checkpoints" / "trn_fmnist_agnostic"))
-    p.add_argument("--fallback", default=str(REPO / "checkpoints" / "trn_fmnist_robust"))
+    p.add_argument("--fallback", default=str(REPO / "checkpoints" / "trn_fmnist_fallback"))
     p.add_argument("--quantiles", default="0.95,0.98,0.99,0.995")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--threshold", type=float, default=0.06, help="fallback_above for the Square comparison")

@@ -167,3 +167,27 @@ def test_a_sanitize_job_records_the_fallback_checkpoint_hash(two_restorers: tupl
     assert recorded["defenses_checkpoint_sha256"] == [checkpoint_digest(fb_path)]
     assert "defenses_checkpoint_sha256" not in job_spec(plan, tmp_path / "primary", [{"name": "trn"}], "reject",
                                                         1 << 20, "image")
+
+
+def test_shipped_fallback_keeps_more_images_than_the_primary_under_a_short_square() -> None:
+    """On real test images, the shipped pair (agnostic restorer, ``fashion-mnist-fallback`` above 0.06 RMS) keeps the
+    primary's clean predictions on almost every clean image and survives an 8-query Square (the queries a similar-query
+    detector allows) far more often than the primary alone."""
+    from trn.attacks import Square
+    from trn.data import load_dataset
+
+    test = load_dataset("fashion-mnist", None, "test").subset(256, 11)
+    x, y = test.images, test.labels
+    primary, fallback = Restorer.pretrained("fashion-mnist"), Restorer.pretrained("fashion-mnist-fallback")
+    pair, guard = FallbackRestorer(primary, fallback, 0.06), primary.guard
+    with torch.no_grad():
+        agree = (guard(pair(x)).argmax(1) == guard(primary(x)).argmax(1)).float().mean().item()
+    assert agree >= 0.97
+    kept = {}
+    for name, r in (("primary", primary), ("pair", pair)):
+        def model(b: torch.Tensor, r: nn.Module = r) -> torch.Tensor:
+            return guard(r(b).detach())
+        x_adv = Square(eps=0.1, queries=8, p_init=0.3, seed=0)(model, x, y)
+        with torch.no_grad():
+            kept[name] = (model(x_adv).argmax(1) == y).float().mean().item()
+    assert kept["pair"] > kept["primary"] + 0.03, kept

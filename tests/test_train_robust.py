@@ -65,6 +65,8 @@ def test_unknown_kind_and_bad_config_are_refused() -> None:
         RobustTrainConfig(loss="mse")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="val_images"):
         RobustTrainConfig(val_size=10, val_images=20)
+    with pytest.raises(ConfigError, match="square_queries"):
+        RobustTrainConfig(kinds={"square": 1.0}, square_queries=0)
 
 
 def test_robust_loss_trades_parts() -> None:
@@ -97,6 +99,39 @@ def test_train_robust_runs_resumes_and_saves(tmp_path) -> None:
     assert any(not torch.equal(before[k], v) for k, v in r.net.state_dict().items())  # step 3 trained the net
     with pytest.raises(CheckpointError, match="different config"):
         train_robust(RobustTrainConfig(**{**cfg.__dict__, "beta": 1.0}))
+
+
+def test_square_kind_trains_on_score_query_images(tmp_path, monkeypatch) -> None:
+    """kind "square": the batch's attacked images come from a Square of ``square_queries`` queries on the pipeline's
+    scores (no gradient), within eps of the clean batch, and validation reports the Square accuracy."""
+    from trn import train_robust as tr
+
+    seen: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+    real = tr.robust_loss
+
+    def spy(r, x, x_adv, y, cfg):
+        seen.append((type(atk[-1]).__name__, atk[-1].queries, x, x_adv))
+        return real(r, x, x_adv, y, cfg)
+
+    atk: list = []
+    real_attack = tr._training_attack
+
+    def spy_attack(cfg, kind, seed):
+        atk.append(real_attack(cfg, kind, seed))
+        return atk[-1]
+
+    monkeypatch.setattr(tr, "robust_loss", spy)
+    monkeypatch.setattr(tr, "_training_attack", spy_attack)
+    out = tmp_path / "sq"
+    cfg = RobustTrainConfig(init_from=None, arch="trn_tiny", two_stream=False, limit_train=64, val_size=32,
+                            val_images=16, epochs=1, batch_size=32, val_every=2, save_every=2, kinds={"square": 1.0},
+                            square_queries=3, threads=1, out=str(out), device="cpu")
+    train_robust(cfg)
+    assert [(name, q) for name, q, _, _ in seen] == [("Square", 3), ("Square", 3)]
+    for _, _, x, x_adv in seen:
+        assert (x_adv - x).abs().amax() <= 0.1 + 1e-6 and (x_adv != x).any()
+    hist = load_checkpoint(out, "cpu")[1]["history"]
+    assert 0.0 <= hist[-1]["val_square3"] <= 1.0 and "val_pgd10_gconst" in hist[-1]
 
 
 def test_init_from_must_share_the_guard(tmp_path) -> None:

@@ -150,12 +150,17 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted (validation, training) indices of :func:`split_train_val` for a dataset of ``n`` images."""
+    if val_size >= n:
+        raise ConfigError(f"val_size {val_size} leaves no training images out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return perm[:val_size].sort().values, perm[val_size:].sort().values
+
+
 def split_train_val(ds: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """Carve a seeded validation split of ``val_size`` images out of ``ds`` (what model selection reads)."""
-    if val_size >= len(ds):
-        raise ConfigError(f"val_size {val_size} leaves no training images out of {len(ds)}")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 7919))
-    val_idx, tr_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    val_idx, tr_idx = split_indices(len(ds), val_size, seed)
     return (ImageDataset(ds.images[tr_idx], ds.labels[tr_idx], ds.class_names, f"{ds.name}[train]"),
             ImageDataset(ds.images[val_idx], ds.labels[val_idx], ds.class_names, f"{ds.name}[val]"))
 

@@ -8,7 +8,11 @@ evaluation attacks it, see :mod:`trn.evaluate`):
 * ``gconst``: the gradient map recomputed at every step but held constant in the backward pass (the strongest of the
   three against the gray-box net);
 * ``e2e``: end to end, the map's estimation differentiated too (``create_graph=True``);
-* ``bpda``: the restorer as the identity in the backward pass (Athalye et al. 2018).
+* ``bpda``: the restorer as the identity in the backward pass (Athalye et al. 2018);
+* ``square``: no gradient at all: a short Square attack (``square_queries`` score queries, ``square_p_init``) on the
+  pipeline's logits, i.e. what a score-based attacker finds with the few queries a similar-query detector allows
+  (Square's opening random stripes, then a few greedy windows). Gradient-trained restorers stay weak there (random
+  +-eps noise is far from PGD's worst case), and the query shield's fallback restorer meets exactly those images.
 
 The loss is TRADES (Zhang et al. 2019) on the frozen guard's logits, plus a small fidelity term::
 
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trn.attacks import create_attack
+from trn.attacks import Attack, Square, create_attack
 from trn.checkpoint import (
     checkpoint_digest,
     checkpoint_paths,
@@ -52,12 +56,13 @@ from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import create_trn
 from trn.restorer import Restorer
 from trn.robustness import bpda
+from trn.train_agnostic import split_indices
 from trn.utils import batches, pick_device, seed_everything
 
 __all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust"]
 log = logging.getLogger(__name__)
 
-ATTACK_KINDS = ("gconst", "e2e", "bpda")
+ATTACK_KINDS = ("gconst", "e2e", "bpda", "square")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class RobustTrainConfig:
     attack_steps: int = 3                      # PGD steps per training attack (CPU: each step is a pipeline fwd+bwd)
     attack_alpha: float = 0.05                 # PGD step size
     kinds: dict[str, float] = field(default_factory=lambda: {"gconst": 0.6, "e2e": 0.2, "bpda": 0.2})  # draw weights
+    square_queries: int = 8                    # kind "square": score queries per image (a detector allows ~this many)
+    square_p_init: float = 0.3                 # kind "square": Square's starting window fraction
     loss: Literal["trades", "pgd_at"] = "trades"
     beta: float = 6.0                          # TRADES robustness weight
     clean_weight: float = 0.5                  # pgd_at: weight of the clean CE term
@@ -92,6 +99,10 @@ class RobustTrainConfig:
     threads: int | None = None                 # torch CPU threads (None: torch's default)
     out: str = "checkpoints/trn_fmnist_robust"
     resume: bool = True
+    # A checkpoint of trn.train_agnostic (its metadata names val_size and seed) whose validation split is kept out
+    # of this run's training images too, so that a restorer pair (the query shield's primary and fallback) can be
+    # chosen on images neither trained on.
+    exclude_val_of: str | None = None
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.kinds) - set(ATTACK_KINDS))
@@ -101,25 +112,35 @@ class RobustTrainConfig:
             raise ConfigError(f"loss must be 'trades' or 'pgd_at', got {self.loss!r}")
         if not 0 < self.eps <= 1 or self.attack_steps < 1 or self.attack_alpha <= 0:
             raise ConfigError("need 0 < eps <= 1, attack_steps >= 1 and attack_alpha > 0")
+        if self.square_queries < 1 or not 0 < self.square_p_init <= 1:
+            raise ConfigError("need square_queries >= 1 and 0 < square_p_init <= 1")
         if self.val_images > self.val_size:
             raise ConfigError(f"val_images ({self.val_images}) cannot exceed val_size ({self.val_size})")
 
 
 def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> guard(restorer(x))`` with the backward pass of ``kind`` (see the module docstring).
+    """``x -> guard(restorer(x))`` with the backward pass of ``kind`` (see the module docstring; ``square`` reads
+    only the logits, so it gets the ``gconst`` view).
 
     Example:
         >>> model = adaptive_pipeline(r, "gconst")
         >>> x_adv = create_attack("pgd", eps=0.1, steps=10)(model, x, y)
     """
     guard = restorer.guard
-    if kind == "gconst":  # create_graph=False: the map is recomputed but detached, a constant in the backward pass
+    if kind in ("gconst", "square"):  # create_graph=False: the map is recomputed but detached, a constant in the backward pass
         return lambda x: guard(restorer(x))
     if kind == "e2e":
         return lambda x: guard(restorer(x, create_graph=True))
     if kind == "bpda":
         return lambda x: guard(bpda(restorer)(x))
     raise ConfigError(f"unknown adaptive attack kind {kind!r}; choose from {list(ATTACK_KINDS)}")
+
+
+def _training_attack(cfg: RobustTrainConfig, kind: str, seed: int) -> Attack:
+    """The batch's training attack: PGD through the ``kind`` view, or a short Square for ``kind == "square"``."""
+    if kind == "square":
+        return Square(eps=cfg.eps, queries=cfg.square_queries, p_init=cfg.square_p_init, seed=seed)
+    return create_attack("pgd", eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, seed=seed)
 
 
 def robust_loss(restorer: Restorer, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
@@ -168,6 +189,14 @@ def _load_restorer(cfg: RobustTrainConfig, device: torch.device) -> tuple[Restor
                              "config": prev.get("config")}}
 
 
+def _val_indices_of(checkpoint: str, n: int) -> torch.Tensor:
+    """The training-set indices of ``checkpoint``'s validation split (``split_train_val`` with its config's seed)."""
+    cfg = load_checkpoint(checkpoint, "cpu")[1].get("config") or {}
+    if "val_size" not in cfg or "seed" not in cfg:
+        raise CheckpointError(f"exclude_val_of {checkpoint}: its metadata names no val_size and seed")
+    return split_indices(n, int(cfg["val_size"]), int(cfg["seed"]))[0]
+
+
 def _state_path(out: str) -> Path:
     return Path(str(checkpoint_paths(out)[0].with_suffix("")) + "_train_state")
 
@@ -193,17 +222,34 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
 
 
 @torch.no_grad()
-def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
-    """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images."""
+def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig) -> dict[str, float]:
+    """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images, and with
+    ``square`` among the training kinds, the accuracy under the training's short Square too."""
     r.eval()
     pipe = adaptive_pipeline(r, "gconst")
-    atk = create_attack("pgd", eps=eps, steps=10, seed=1)
-    clean = adv = 0
+    atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1)
+    square = _training_attack(cfg, "square", 1) if "square" in cfg.kinds else None
+    clean = adv = sq = 0
     for s in batches(len(x), 250):
         xb, yb = x[s], y[s]
         clean += (pipe(xb).argmax(1) == yb).sum().item()
         adv += (pipe(atk(pipe, xb, yb)).argmax(1) == yb).sum().item()
-    return {"val_clean": clean / len(x), "val_pgd10_gconst": adv / len(x)}
+        if square is not None:
+            sq += (pipe(square(pipe, xb, yb)).argmax(1) == yb).sum().item()
+    out = {"val_clean": clean / len(x), "val_pgd10_gconst": adv / len(x)}
+    if square is not None:
+        out[f"val_square{cfg.square_queries}"] = sq / len(x)
+    return out
+
+
+def _threat_model(cfg: RobustTrainConfig) -> str:
+    """What the checkpoint's metadata says it was trained against (from the training attacks' kinds)."""
+    kinds = {k for k, w in cfg.kinds.items() if w > 0}
+    if kinds == {"square"}:
+        return "query black-box (trained on short Square attacks through the whole pipeline)"
+    if "square" in kinds:
+        return "adaptive white-box and query black-box (trained through the whole pipeline, PGD and short Square)"
+    return "adaptive white-box (trained through the whole pipeline)"
 
 
 def train_robust(cfg: RobustTrainConfig) -> Restorer:
@@ -219,6 +265,8 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
     full = load_dataset(cfg.dataset, cfg.data_dir, "train")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 12345))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    if cfg.exclude_val_of is not None:
+        train_idx = train_idx[~torch.isin(train_idx, _val_indices_of(cfg.exclude_val_of, len(full)))]
     if cfg.limit_train is not None:
         train_idx = train_idx[: cfg.limit_train]
     x_val = full.images[val_idx[: cfg.val_images]].to(device)
@@ -241,8 +289,7 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # a pure function of the step: resume-safe
         kind = rng.choices(kinds, weights)[0]
         r.net.train()
-        atk = create_attack("pgd", eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, seed=rng.randrange(2**31))
-        x_adv = atk(adaptive_pipeline(r, kind), x, y)
+        x_adv = _training_attack(cfg, kind, rng.randrange(2**31))(adaptive_pipeline(r, kind), x, y)
         loss, parts = robust_loss(r, x, x_adv, y, cfg)
         for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)
             group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
@@ -254,7 +301,7 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
         bar.update(1)
         bar.set_postfix(kind=kind, **{k: f"{v:.3f}" for k, v in parts.items()})
         if step % cfg.val_every == 0 or step % steps_per_epoch == 0 or step == total:
-            val = _validate(r, x_val, y_val, cfg.eps)
+            val = _validate(r, x_val, y_val, cfg)
             history.append({"step": step, "epoch": step / steps_per_epoch, **val})
             log.info("step %d (epoch %.2f): %s", step, step / steps_per_epoch, val)
         if step % cfg.save_every == 0 or step == total:
@@ -268,7 +315,7 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
     # says how far training got (complete: false for a stage before the last).
     path = r.save(cfg.out, config=to_dict(cfg), history=history, train_images=len(train_idx), **init,
                   step=step, total_steps=total, complete=step == total,
-                  threat_model="adaptive white-box (trained through the whole pipeline)",
+                  threat_model=_threat_model(cfg),
                   train_seconds_last_run=round(time.time() - t0, 1), dataset=cfg.dataset, torch=torch.__version__)
     log.info("saved %s (step %d of %d)", path, step, total)
     return r

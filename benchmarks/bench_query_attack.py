@@ -10,10 +10,10 @@ The service runs on loopback exactly as ``trn serve`` runs it (Ray Serve, TRN ->
 with the top-1 log-odds reversed too, ``confidence_interval: 0.5``), ``rnd`` (RND input noise after TRN, seeded per image) and
 ``unig`` (UniG in its serving mode: per-request, reference images from the training set) and ``detect`` (TRN alone
 behind the similar-query detector, ``app.query_detector`` at its defaults: :mod:`trn.query_detector`), ``detect_fb``
-(the same, with ``--fallback``, by default the shipped fallback restorer trained on short Square attacks, as the
-``trn`` stage's fallback for the images the restorer changes by more than 0.06 RMS: :mod:`trn.defenses.fallback`).
-Each app allows
-``full`` output; each cell asks for its output policy per request (``?output=...``), as a client may.
+(the same, with ``--fallback``, by default the shipped fallback restorer trained on short Square attacks and gray-box
+PGD, as the ``trn`` stage's fallback for the images the restorer changes by more than 0.06 RMS:
+:mod:`trn.defenses.fallback`). Each app allows ``full`` output; each cell asks for its output policy per request
+(``?output=...``), as a client may.
 
 Attacks (the attacker only talks HTTP, one ``POST /v1/classify/batch`` carries every image of one attack step):
 

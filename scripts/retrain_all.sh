@@ -39,6 +39,7 @@ done
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_stage1.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_twostream.yaml
-# issue 12: the query shield's fallback restorer, the agnostic net trained on 8-query Square images (~27 min)
+# issue 12: the query shield's fallback restorer, the agnostic net trained on 8-query Square images and gray-box PGD
+# (~17 min on 2 idle cores)
 .venv/bin/trn train-robust --config configs/trn_fmnist_fallback.yaml
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_trades.yaml

@@ -134,6 +134,34 @@ def test_square_kind_trains_on_score_query_images(tmp_path, monkeypatch) -> None
     assert 0.0 <= hist[-1]["val_square3"] <= 1.0 and "val_pgd10_gconst" in hist[-1]
 
 
+def test_guard_kind_attacks_the_guard_alone(tmp_path, monkeypatch) -> None:
+    """kind "guard" (gray-box): the training attack is handed the frozen guard itself, not a pipeline through the
+    restorer, and validation reports the gray-box accuracy."""
+    from trn import train_robust as tr
+
+    targets: list = []
+    real_attack = tr._training_attack
+
+    def spy_attack(cfg, kind, seed):
+        atk = real_attack(cfg, kind, seed)
+
+        def run(model, x, y):
+            targets.append(model)
+            return atk(model, x, y)
+        return run
+
+    monkeypatch.setattr(tr, "_training_attack", spy_attack)
+    out = tmp_path / "gray"
+    cfg = RobustTrainConfig(init_from=None, arch="trn_tiny", limit_train=32, val_size=32, val_images=16, epochs=1,
+                            batch_size=32, val_every=1, save_every=1, kinds={"guard": 1.0}, attack_steps=1,
+                            threads=1, out=str(out), device="cpu")
+    r = train_robust(cfg)
+    assert len(targets) == 1 and isinstance(targets[0], torch.nn.Module)
+    assert all(torch.equal(a, b) for a, b in zip(targets[0].state_dict().values(), r.guard.state_dict().values()))
+    meta = load_checkpoint(out, "cpu")[1]
+    assert "val_pgd10_guard" in meta["history"][-1] and meta["threat_model"].startswith("gray-box")
+
+
 def test_init_from_must_share_the_guard(tmp_path) -> None:
     r = _nudged()
     r.save(tmp_path / "other")  # its guard is a random tiny CNN, not the shipped guard

@@ -2,8 +2,8 @@
 
 The gray-box TRN (:mod:`trn.train_trn`) learns to undo attacks crafted on the guard alone, and an attacker who
 differentiates the whole pipeline breaks it (~9 % under PGD-40). Here the training attacks are *adaptive*: each batch
-is attacked through ``guard(restorer(x))`` itself, with one of three backward passes drawn per batch (the ways the
-evaluation attacks it, see :mod:`trn.evaluate`):
+is attacked through ``guard(restorer(x))`` itself, with one of these kinds drawn per batch (``kinds``: the first three
+are the backward passes the evaluation attacks it with, see :mod:`trn.evaluate`):
 
 * ``gconst``: the gradient map recomputed at every step but held constant in the backward pass (the strongest of the
   three against the gray-box net);
@@ -12,7 +12,9 @@ evaluation attacks it, see :mod:`trn.evaluate`):
 * ``square``: no gradient at all: a short Square attack (``square_queries`` score queries, ``square_p_init``) on the
   pipeline's logits, i.e. what a score-based attacker finds with the few queries a similar-query detector allows
   (Square's opening random stripes, then a few greedy windows). Gradient-trained restorers stay weak there (random
-  +-eps noise is far from PGD's worst case), and the query shield's fallback restorer meets exactly those images.
+  +-eps noise is far from PGD's worst case), and the query shield's fallback restorer meets exactly those images;
+* ``guard``: not adaptive: PGD on the guard alone (gray-box, the attacker ignores the restorer), to keep a restorer's
+  gray-box figure while it learns another kind (the fallback: gray-box attacks are noisy images too, and get routed).
 
 The loss is TRADES (Zhang et al. 2019) on the frozen guard's logits, plus a small fidelity term::
 
@@ -62,7 +64,7 @@ from trn.utils import batches, pick_device, seed_everything
 __all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust"]
 log = logging.getLogger(__name__)
 
-ATTACK_KINDS = ("gconst", "e2e", "bpda", "square")
+ATTACK_KINDS = ("gconst", "e2e", "bpda", "square", "guard")
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,14 @@ def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor],
         return lambda x: guard(restorer(x, create_graph=True))
     if kind == "bpda":
         return lambda x: guard(bpda(restorer)(x))
+    if kind == "guard":
+        raise ConfigError("kind 'guard' attacks the guard alone: it has no pipeline view")
     raise ConfigError(f"unknown adaptive attack kind {kind!r}; choose from {list(ATTACK_KINDS)}")
 
 
 def _training_attack(cfg: RobustTrainConfig, kind: str, seed: int) -> Attack:
-    """The batch's training attack: PGD through the ``kind`` view, or a short Square for ``kind == "square"``."""
+    """The batch's training attack: PGD (through the ``kind`` view, or on the guard alone for ``guard``), or a short
+    Square for ``kind == "square"``."""
     if kind == "square":
         return Square(eps=cfg.eps, queries=cfg.square_queries, p_init=cfg.square_p_init, seed=seed)
     return create_attack("pgd", eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, seed=seed)
@@ -223,33 +228,38 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
 
 @torch.no_grad()
 def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig) -> dict[str, float]:
-    """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images, and with
-    ``square`` among the training kinds, the accuracy under the training's short Square too."""
+    """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images; with
+    ``square`` among the training kinds, the accuracy under the training's short Square too, and with ``guard``, under
+    PGD-10 crafted on the guard alone (gray-box)."""
     r.eval()
     pipe = adaptive_pipeline(r, "gconst")
     atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1)
     square = _training_attack(cfg, "square", 1) if "square" in cfg.kinds else None
-    clean = adv = sq = 0
+    clean = adv = sq = gray = 0
     for s in batches(len(x), 250):
         xb, yb = x[s], y[s]
         clean += (pipe(xb).argmax(1) == yb).sum().item()
         adv += (pipe(atk(pipe, xb, yb)).argmax(1) == yb).sum().item()
         if square is not None:
             sq += (pipe(square(pipe, xb, yb)).argmax(1) == yb).sum().item()
+        if "guard" in cfg.kinds:
+            gray += (pipe(atk(r.guard, xb, yb)).argmax(1) == yb).sum().item()
     out = {"val_clean": clean / len(x), "val_pgd10_gconst": adv / len(x)}
     if square is not None:
         out[f"val_square{cfg.square_queries}"] = sq / len(x)
+    if "guard" in cfg.kinds:
+        out["val_pgd10_guard"] = gray / len(x)
     return out
 
 
 def _threat_model(cfg: RobustTrainConfig) -> str:
     """What the checkpoint's metadata says it was trained against (from the training attacks' kinds)."""
     kinds = {k for k, w in cfg.kinds.items() if w > 0}
-    if kinds == {"square"}:
-        return "query black-box (trained on short Square attacks through the whole pipeline)"
-    if "square" in kinds:
-        return "adaptive white-box and query black-box (trained through the whole pipeline, PGD and short Square)"
-    return "adaptive white-box (trained through the whole pipeline)"
+    parts = [(threat, how) for kind, threat, how in (
+        ("gconst", "adaptive white-box", "PGD through the whole pipeline"),
+        ("square", "query black-box", "short Square attacks through the whole pipeline"),
+        ("guard", "gray-box", "PGD on the guard alone")) if kind in kinds or (kind == "gconst" and kinds & {"e2e", "bpda"})]
+    return " and ".join(t for t, _ in parts) + " (trained on " + " and ".join(h for _, h in parts) + ")"
 
 
 def train_robust(cfg: RobustTrainConfig) -> Restorer:
@@ -289,7 +299,8 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # a pure function of the step: resume-safe
         kind = rng.choices(kinds, weights)[0]
         r.net.train()
-        x_adv = _training_attack(cfg, kind, rng.randrange(2**31))(adaptive_pipeline(r, kind), x, y)
+        target = r.guard if kind == "guard" else adaptive_pipeline(r, kind)
+        x_adv = _training_attack(cfg, kind, rng.randrange(2**31))(target, x, y)
         loss, parts = robust_loss(r, x, x_adv, y, cfg)
         for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)
             group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))

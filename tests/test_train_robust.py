@@ -107,31 +107,30 @@ def test_square_kind_trains_on_score_query_images(tmp_path, monkeypatch) -> None
     from trn import train_robust as tr
 
     seen: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
-    real = tr.robust_loss
-
-    def spy(r, x, x_adv, y, cfg):
-        seen.append((type(atk[-1]).__name__, atk[-1].queries, x, x_adv))
-        return real(r, x, x_adv, y, cfg)
-
-    atk: list = []
     real_attack = tr._training_attack
 
     def spy_attack(cfg, kind, seed):
-        atk.append(real_attack(cfg, kind, seed))
-        return atk[-1]
+        atk = real_attack(cfg, kind, seed)
 
-    monkeypatch.setattr(tr, "robust_loss", spy)
+        def run(model, x, y):
+            x_adv = atk(model, x, y)
+            seen.append((type(atk).__name__, atk.queries, x, x_adv))
+            return x_adv
+        return run
+
     monkeypatch.setattr(tr, "_training_attack", spy_attack)
     out = tmp_path / "sq"
     cfg = RobustTrainConfig(init_from=None, arch="trn_tiny", two_stream=False, limit_train=64, val_size=32,
                             val_images=16, epochs=1, batch_size=32, val_every=2, save_every=2, kinds={"square": 1.0},
                             square_queries=3, threads=1, out=str(out), device="cpu")
     train_robust(cfg)
-    assert [(name, q) for name, q, _, _ in seen] == [("Square", 3), ("Square", 3)]
+    # two training batches of 32, then the validation check (16 images) with the same short Square
+    assert [(name, q, len(x)) for name, q, x, _ in seen] == [("Square", 3, 32), ("Square", 3, 32), ("Square", 3, 16)]
     for _, _, x, x_adv in seen:
         assert (x_adv - x).abs().amax() <= 0.1 + 1e-6 and (x_adv != x).any()
-    hist = load_checkpoint(out, "cpu")[1]["history"]
-    assert 0.0 <= hist[-1]["val_square3"] <= 1.0 and "val_pgd10_gconst" in hist[-1]
+    meta = load_checkpoint(out, "cpu")[1]
+    assert 0.0 <= meta["history"][-1]["val_square3"] <= 1.0 and "val_pgd10_gconst" in meta["history"][-1]
+    assert meta["threat_model"].startswith("query black-box (")
 
 
 def test_guard_kind_attacks_the_guard_alone(tmp_path, monkeypatch) -> None:

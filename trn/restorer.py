@@ -31,7 +31,7 @@ __all__ = ["CHECKPOINT_DIR", "PRETRAINED", "Restorer"]
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # the source checkout's; see trn.weights
 # name -> shipped checkpoint. fashion-mnist: the downstream-agnostic net (protects classifiers it never saw, issue 10);
 # fashion-mnist-guard: the guard-specific gray-box net (best for the shipped guard itself); -robust: adaptive attackers;
-# -fallback: the query shield's fallback for noisy images (the `trn` stage's `fallback`, trained on short Square attacks).
+# -fallback: the query shield's fallback for noisy images (the `trn` stage's `fallback`; short Square attacks, gray-box).
 PRETRAINED = {"fashion-mnist": "trn_fmnist_agnostic", "fashion-mnist-guard": "trn_fmnist",
               "fashion-mnist-robust": "trn_fmnist_robust", "fashion-mnist-fallback": "trn_fmnist_fallback"}
 

@@ -129,7 +129,7 @@ def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor],
         >>> x_adv = create_attack("pgd", eps=0.1, steps=10)(model, x, y)
     """
     guard = restorer.guard
-    if kind in ("gconst", "square"):  # create_graph=False: the map is recomputed but detached, a constant in the backward pass
+    if kind in ("gconst", "square"):  # create_graph=False: the map recomputed but detached, constant backward
         return lambda x: guard(restorer(x))
     if kind == "e2e":
         return lambda x: guard(restorer(x, create_graph=True))
@@ -252,13 +252,17 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
     return out
 
 
+# What a checkpoint's metadata says it was trained against, per training-attack kind.
+_KIND_THREAT = {"gconst": ("adaptive white-box", "PGD through the whole pipeline"),
+                "e2e": ("adaptive white-box", "PGD through the whole pipeline"),
+                "bpda": ("adaptive white-box", "PGD through the whole pipeline"),
+                "square": ("query black-box", "short Square attacks through the whole pipeline"),
+                "guard": ("gray-box", "PGD on the guard alone")}
+
+
 def _threat_model(cfg: RobustTrainConfig) -> str:
-    """What the checkpoint's metadata says it was trained against (from the training attacks' kinds)."""
-    kinds = {k for k, w in cfg.kinds.items() if w > 0}
-    parts = [(threat, how) for kind, threat, how in (
-        ("gconst", "adaptive white-box", "PGD through the whole pipeline"),
-        ("square", "query black-box", "short Square attacks through the whole pipeline"),
-        ("guard", "gray-box", "PGD on the guard alone")) if kind in kinds or (kind == "gconst" and kinds & {"e2e", "bpda"})]
+    """E.g. ``"query black-box and gray-box (trained on short Square attacks ... and PGD on the guard alone)"``."""
+    parts = list(dict.fromkeys(_KIND_THREAT[k] for k in ATTACK_KINDS if cfg.kinds.get(k, 0) > 0))  # ordered, unique
     return " and ".join(t for t, _ in parts) + " (trained on " + " and ".join(h for _, h in parts) + ")"
 
 

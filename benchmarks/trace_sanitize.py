@@ -4,11 +4,15 @@
     python benchmarks/trace_sanitize.py --images 512 --runs 3
 
 Prints, per run, seconds from the start of :func:`trn_workers.sanitize.sanitize`: Ray's start (``connect_ray``),
-building the Ray dataset (importing Ray Data included), the first and last batch reaching the driver, and the end
-(assembly task and Ray's shutdown); plus the CPU seconds that Ray Data's own helper actors (``_StatsActor``,
+building the Ray dataset (importing Ray Data included), the first and last batch reaching the driver, the start and
+end of the task that assembles the npz from the workers' parts, and the end (after Ray's shutdown); plus the CPU seconds that Ray Data's own helper actors (``_StatsActor``,
 ``_AutoscalingCoordinatorActor``, ``ActorLocationTracker``) had used when the last batch arrived (read from /proc:
 Linux only, else n/a). Import costs of one worker: ``python -X importtime -c "import torch, ray; import
 trn_workers.sanitize, ray.data"``.
+
+``--no-bytecode`` runs Ray's processes without the compiled ``.pyc`` files (an empty ``PYTHONPYCACHEPREFIX``; needs
+``PYTHONDONTWRITEBYTECODE=1``): each one then compiles torch, pandas and Ray from source, as on a machine whose
+packages were installed without bytecode (``scripts/setup.sh`` installs with ``--compile-bytecode``).
 """
 
 from __future__ import annotations
@@ -50,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-bytecode", action="store_true",
+                   help="Ray's processes ignore compiled .pyc files (an empty PYTHONPYCACHEPREFIX): what a job costs "
+                        "where the packages were installed without bytecode and PYTHONDONTWRITEBYTECODE is set")
     args = p.parse_args(argv)
+    if args.no_bytecode:  # Ray's processes inherit this process's environment when it starts a local Ray
+        if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            p.error("--no-bytecode needs PYTHONDONTWRITEBYTECODE=1, or the first run writes the bytecode it avoids")
+        os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="trn-no-pycache-")
 
     import trn_workers.sanitize as job
     from trn.data import ImageDataset, load_fashion_mnist, save_npz
@@ -59,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(x)} Fashion-MNIST test images, {args.workers} actors, batch {args.batch_size}, shipped checkpoint; "
           f"{os.cpu_count()} cores")
     print()
-    print("| run | Ray start | dataset built | first batch | last batch | end | helper actors' CPU s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    connect, build, n = job.connect_ray, job._dataset, len(x)
+    print("| run | Ray start | dataset built | first batch | last batch | assembly starts | assembled | end | "
+          "helper actors' CPU s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    connect, build, assemble, n = job.connect_ray, job._dataset, job._assemble, len(x)
     for run in range(1, args.runs + 1):
         marks: dict[str, float] = {}
         arrivals: list[float] = []
@@ -84,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             _marks["dataset"] = time.perf_counter()
             return ds
 
-        job.connect_ray, job._dataset = timed_connect, timed_build
+        def timed_assemble(*a, _marks=marks, **kw):
+            _marks["assembly"] = time.perf_counter()
+            assemble(*a, **kw)
+            _marks["assembled"] = time.perf_counter()
+
+        job.connect_ray, job._dataset, job._assemble = timed_connect, timed_build, timed_assemble
         try:
             with tempfile.TemporaryDirectory() as d:
                 npz = save_npz(Path(d) / "in.npz", ImageDataset(x, torch.zeros(len(x), dtype=torch.int64), ("0",)),
@@ -94,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                                                          batch_size=args.batch_size), on_batch=on_batch)
                 end = time.perf_counter()
         finally:
-            job.connect_ray, job._dataset = connect, build
+            job.connect_ray, job._dataset, job._assemble = connect, build, assemble
         if report.ok != len(x):
             print(f"error: {report.ok} ok rows of {len(x)}", file=sys.stderr)
             return 1
         cpu = "n/a" if helpers[0] is None else f"{helpers[0]:.1f}"
         print(f"| {run} | {marks['ray'] - t0:.1f} | {marks['dataset'] - t0:.1f} | {arrivals[0] - t0:.1f} | "
-              f"{arrivals[-1] - t0:.1f} | {end - t0:.1f} | {cpu} |")
+              f"{arrivals[-1] - t0:.1f} | {marks['assembly'] - t0:.1f} | {marks['assembled'] - t0:.1f} | {end - t0:.1f} | "
+              f"{cpu} |")
     return 0
 
 

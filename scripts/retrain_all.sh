@@ -21,16 +21,18 @@ for m in trn_fmnist_onestream trn_fmnist_argmax; do
 done
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_gfa.yaml
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_advtrain.yaml
-# issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out), then the
-# downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist against the zoo (0.5-2 min per zoo epoch, ~17 min
-# for the restorer on one core), its two ablations (guard maps only; a wider net from scratch), and the fitted row of
-# the downstream matrix (trn fit on the ViT, a few minutes)
-for m in mlp cnn bncnn resnet vit; do
+# issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out; mixer and
+# dwcnn join the five-member ablation zoo), then the downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist
+# against the zoo (0.5-2 min per zoo epoch, ~17 min for the restorer on one core), its three ablations (guard maps
+# only; a wider net from scratch; the five-member zoo), and the fitted row of the downstream matrix (trn fit on the
+# ViT, a few minutes)
+for m in mlp cnn bncnn resnet vit mixer dwcnn; do
   .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
 done
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_guardmap.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide.yaml
+.venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_zoo5.yaml
 .venv/bin/trn fit --classifier checkpoints/zoo_fmnist_vit --restorer checkpoints/trn_fmnist_agnostic \
   --out checkpoints/trn_fmnist_fit_vit --set map_from=downstream
 # issue 11: the adversarially trained restorer, two stages from the one-stream gray-box net in front of the frozen

@@ -28,7 +28,7 @@ uv build -q --wheel -o "$WORK/dist" "$REPO"
 WHEEL="$(ls "$WORK"/dist/trn-*.whl)"
 echo "wheel: $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
 uv venv -q "$WORK/venv" --python 3.11
-uv pip install -q --python "$WORK/venv/bin/python" "$WHEEL"
+uv pip install -q --compile-bytecode --python "$WORK/venv/bin/python" "$WHEEL"  # bytecode: docs/deploy.md
 echo "installed into $WORK/venv ($((SECONDS - t0)) s)"
 
 cd "$WORK"  # nothing below can come from the checkout

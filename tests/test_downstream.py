@@ -219,8 +219,9 @@ def test_zoo_bad_arguments():
 
     with pytest.raises(ConfigError, match="unknown zoo classifier 'zoo_nope'"):
         create_zoo_model("zoo_nope")
-    with pytest.raises(ConfigError, match="not divisible by the patch size"):
-        create_zoo_model("zoo_vit", image_size=30, patch=4)
+    for name in ("zoo_vit", "zoo_mixer"):
+        with pytest.raises(ConfigError, match="not divisible by the patch size"):
+            create_zoo_model(name, image_size=30, patch=4)
     with pytest.raises(ConfigError, match="bad arguments"):
         create_zoo_model("zoo_mlp", bogus=1)
 

@@ -144,7 +144,7 @@ CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
 CLASSIFIERS.add("small_cnn", SmallCNN)
 CLASSIFIERS.add("resnet18", ResNet18)
 _REGISTRY = CLASSIFIERS  # the old name (a dict until issue 14): update() still works on it
-_REGISTRY.update(ZOO_FAMILIES)  # zoo_mlp, zoo_cnn, zoo_bncnn, zoo_resnet, zoo_vit (issue 10's classifier zoo)
+_REGISTRY.update(ZOO_FAMILIES)  # zoo_mlp, zoo_cnn, zoo_bncnn, zoo_resnet, zoo_vit, zoo_mixer, zoo_dwcnn (issue 10)
 
 
 def list_classifiers() -> list[str]:

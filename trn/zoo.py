@@ -11,6 +11,8 @@ name                family                                                      
 ``zoo_bncnn``       three conv blocks with BatchNorm (the guard is also a BN-CNN)  held out (seen family)
 ``zoo_resnet``      small residual net (3 stages of basic blocks, BatchNorm)     held out (unseen family)
 ``zoo_vit``         patch embedding + transformer encoder (ViT-like)            held out (unseen family)
+``zoo_mixer``       patch tokens mixed by MLPs across tokens and channels        ablation zoo (a 5-member zoo)
+``zoo_dwcnn``       depthwise-separable 7x7 convs, GroupNorm, GELU, no shortcut  ablation zoo (a 5-member zoo)
 ==================  ==========================================================  ===============================
 
 Like every classifier in :mod:`trn.classifiers`, each takes [0, 1] pixels (normalisation inside), returns logits and
@@ -33,7 +35,8 @@ from torch import nn
 
 from trn.errors import ConfigError
 
-__all__ = ["ZOO_FAMILIES", "ZooBNCNN", "ZooCNN", "ZooMLP", "ZooResNet", "ZooViT", "create_zoo_model"]
+__all__ = ["ZOO_FAMILIES", "ZooBNCNN", "ZooCNN", "ZooDWCNN", "ZooMLP", "ZooMixer", "ZooResNet", "ZooViT",
+           "create_zoo_model"]
 
 _FMNIST_MEAN, _FMNIST_STD = (0.2860,), (0.3530,)
 
@@ -193,12 +196,68 @@ class ZooViT(_ZooBase):
         self.head = nn.Linear(dim, num_classes)
 
 
+class _MixerBlock(nn.Module):
+    """MLP-Mixer block (Tolstikhin et al. 2021): a token-mixing MLP across tokens, then a channel MLP, pre-norm."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tokens = nn.Sequential(nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens))
+        self.channels = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B, tokens, dim)
+        t = t + self.tokens(self.norm1(t).transpose(1, 2)).transpose(1, 2)  # mix along tokens
+        return t + self.channels(self.norm2(t))
+
+
+class ZooMixer(_ZooBase):
+    """MLP-Mixer: 4x4 patches (49 tokens on 28x28), dim 64, 2 mixer blocks, mean-pooled tokens. No attention and no
+    convolution after the patch embedding."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, patch: int = 4,
+                 dim: int = 64, depth: int = 2, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        super().__init__(in_channels, num_classes, image_size, mean, std)
+        if image_size % patch:
+            raise ConfigError(f"zoo_mixer: image size {image_size} is not divisible by the patch size {patch}")
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.blocks = nn.Sequential(*[_MixerBlock((image_size // patch) ** 2, dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(self.normalize(x)).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        return self.norm(self.blocks(t)).mean(1)  # (B, dim)
+
+
+class ZooDWCNN(_ZooBase):
+    """Depthwise-separable CNN: a stride-2 3x3 stem, then three stages of a 7x7 depthwise conv and a 1x1 pointwise
+    conv, GroupNorm and GELU (no BatchNorm, no ReLU, no shortcut), stride-2 downsampling, global average pooling."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        super().__init__(in_channels, num_classes, image_size, mean, std)
+
+        def stage(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cin, 7, stride, 3, groups=cin), nn.Conv2d(cin, cout, 1), nn.GroupNorm(4, cout),
+                    nn.GELU()]
+
+        self.features = nn.Sequential(  # a stride-2 stem: 7x7 depthwise convs are slow on a CPU at full resolution
+            nn.Conv2d(in_channels, width, 3, 2, 1), nn.GELU(),
+            *stage(width, width, 1), *stage(width, 2 * width, 2), *stage(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+
 ZOO_FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "zoo_mlp": ZooMLP,
     "zoo_cnn": ZooCNN,
     "zoo_bncnn": ZooBNCNN,
     "zoo_resnet": ZooResNet,
     "zoo_vit": ZooViT,
+    "zoo_mixer": ZooMixer,
+    "zoo_dwcnn": ZooDWCNN,
 }
 
 

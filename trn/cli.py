@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restorer", default=None, help="restorer checkpoint to start from (default: "
                                                     "checkpoints/trn_fmnist_agnostic)")
     s.add_argument("--out", default=None, help="output checkpoint, no suffix (default: runs/fit/trn_fitted)")
-    s.add_argument("--images", type=int, default=None, help="training images to see (default 4096)")
+    s.add_argument("--images", type=int, default=None, help="training images to see (default 16384)")
     s.add_argument("--device", default=None)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a FitConfig option")
     s.set_defaults(fn=_cmd_fit)

@@ -41,11 +41,11 @@ class FitConfig:
     data: str = "fashion-mnist"                  # image folder, .npz, or a built-in dataset name (training split)
     restorer: str = _DEFAULT_START               # the restorer checkpoint to start from
     out: str = "runs/fit/trn_fitted"
-    images: int = 4096                           # training images seen (one pass); 64 steps at batch 64
+    images: int = 16384                          # training images seen (one pass); 256 steps at batch 64
     batch_size: int = 64
-    lr: float = 5e-4
-    kl_weight: float = 1.0
-    mse_weight: float = 20.0
+    lr: float = 1e-3                             # images / lr / kl_weight / mse_weight chosen on validation for the
+    kl_weight: float = 3.0                       # ViT and the ResNet (docs/design.md, "Fitting to your classifier")
+    mse_weight: float = 5.0
     clean_weight: float = 3.0
     eps_max: float = 0.16
     map_from: Literal["guard", "downstream"] = "guard"  # whose gradient map the fitted net reads: the restorer's

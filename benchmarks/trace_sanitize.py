@@ -5,10 +5,10 @@
 
 Prints, per run, seconds from the start of :func:`trn_workers.sanitize.sanitize`: Ray's start (``connect_ray``),
 building the Ray dataset (importing Ray Data included), the first and last batch reaching the driver, the start and
-end of the task that assembles the npz from the workers' parts, and the end (after Ray's shutdown); plus the CPU seconds that Ray Data's own helper actors (``_StatsActor``,
-``_AutoscalingCoordinatorActor``, ``ActorLocationTracker``) had used when the last batch arrived (read from /proc:
-Linux only, else n/a). Import costs of one worker: ``python -X importtime -c "import torch, ray; import
-trn_workers.sanitize, ray.data"``.
+end of the task that assembles the npz from the workers' parts, and the end (after Ray's shutdown); plus the CPU
+seconds that Ray Data's own helper actors (``_StatsActor``, ``_AutoscalingCoordinatorActor``,
+``ActorLocationTracker``) had used when the last batch arrived (read from /proc: Linux only, else n/a). Import costs
+of one worker: ``python -X importtime -c "import torch, ray; import trn_workers.sanitize, ray.data"``.
 
 ``--no-bytecode`` runs Ray's processes without the compiled ``.pyc`` files (an empty ``PYTHONPYCACHEPREFIX``; needs
 ``PYTHONDONTWRITEBYTECODE=1``): each one then compiles torch, pandas and Ray from source, as on a machine whose
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         cpu = "n/a" if helpers[0] is None else f"{helpers[0]:.1f}"
         print(f"| {run} | {marks['ray'] - t0:.1f} | {marks['dataset'] - t0:.1f} | {arrivals[0] - t0:.1f} | "
-              f"{arrivals[-1] - t0:.1f} | {marks['assembly'] - t0:.1f} | {marks['assembled'] - t0:.1f} | {end - t0:.1f} | "
-              f"{cpu} |")
+              f"{arrivals[-1] - t0:.1f} | {marks['assembly'] - t0:.1f} | {marks['assembled'] - t0:.1f} | "
+              f"{end - t0:.1f} | {cpu} |")
     return 0
 
 

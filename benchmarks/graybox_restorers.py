@@ -5,12 +5,14 @@ evaluation's settings (trn.evaluate.make_attack; Linf 0.1, CW at L2 1.5), on 1,0
 guard's accuracy without a defence and behind each restorer, and the PSNR of the restored images against the clean
 ones; writes runs/graybox_robust/results.json.
 
-    python benchmarks/graybox_restorers.py
+    python benchmarks/graybox_restorers.py                       # the shipped restorers
+    python benchmarks/graybox_restorers.py fashion-mnist-robust checkpoints/trn_fmnist_robust   # names or paths
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -23,12 +25,17 @@ from trn.restorer import Restorer
 RESTORERS = ("fashion-mnist", "fashion-mnist-robust")
 
 
-def main() -> None:
+def _load(spec: str) -> Restorer:
+    """A pretrained name (``fashion-mnist-robust``) or a checkpoint path."""
+    return Restorer.load(spec) if Path(spec + ".safetensors").is_file() else Restorer.pretrained(spec)
+
+
+def main(specs: list[str]) -> None:
     torch.set_num_threads(1)
     test = load_dataset("fashion-mnist", None, "test").subset(1000, 0)
     x, y = test.images, test.labels
-    restorers = {name: Restorer.pretrained(name) for name in RESTORERS}
-    guard = restorers[RESTORERS[0]].guard
+    restorers = {spec: _load(spec) for spec in specs or RESTORERS}
+    guard = next(iter(restorers.values())).guard
     cfg = EvalConfig()
     out: dict[str, dict[str, float]] = {}
     for attack in ("clean", "fgsm", "pgd", "cw"):
@@ -51,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -56,6 +56,20 @@ def test_fit_raises_robust_accuracy(setup):
     assert Restorer.load(d / "fitted").metadata["init_from"]["path"] == str(d / "start")
 
 
+def test_fit_widened_restorer_starts_where_the_narrow_one_was(setup, tmp_path):
+    """``widen_to``: the fit trains a wider copy of the restorer whose epoch-0 validation equals the narrow net's."""
+    d, _ = setup
+    torch.set_num_threads(1)
+    kw = {"classifier": str(d / "clf.pt"), "data": str(d / "data.npz"), "restorer": str(d / "start"), "images": 128,
+          "batch_size": 64, "val_size": 150, "lr": 3e-3, "device": "cpu"}
+    narrow = fit(FitConfig(**kw, out=str(tmp_path / "narrow")))
+    wide = fit(FitConfig(**kw, out=str(tmp_path / "wide"), widen_to=8))
+    assert Restorer.load(tmp_path / "wide").net.cfg.width == 8 and narrow.net.cfg.width == 4
+    h0n, h0w = narrow.metadata["history"][0], wide.metadata["history"][0]
+    assert (h0w["clean_restored"], h0w["pgd_restored"]) == (h0n["clean_restored"], h0n["pgd_restored"])
+    assert h0w["psnr_clean"] == pytest.approx(h0n["psnr_clean"], abs=1e-3)
+
+
 def test_fit_cli_errors(setup, tmp_path, capsys):
     d, _ = setup
     (tmp_path / "x.txt").write_text("no")

@@ -10,7 +10,7 @@ from trn.attacks import create_attack
 from trn.checkpoint import load_checkpoint
 from trn.errors import CheckpointError, ConfigError
 from trn.restorer import Restorer
-from trn.train_robust import RobustTrainConfig, adaptive_pipeline, robust_loss, train_robust
+from trn.train_robust import RobustTrainConfig, adaptive_pipeline, robust_loss, train_robust, validate_restorer
 
 S = 28
 
@@ -184,3 +184,45 @@ def test_shipped_robust_restorer_beats_gray_box_net_under_adaptive_pgd() -> None
         with torch.no_grad():
             accs[name] = (pipe(x_adv).argmax(1) == y).float().mean().item()
     assert accs["fashion-mnist-robust"] > accs["fashion-mnist-guard"] + 0.3, accs
+
+
+def test_widen_to_continues_from_the_same_function(tmp_path) -> None:
+    """``widen_to`` starts the run from init_from's net widened with its output unchanged, and saves the wide net."""
+    base = RobustTrainConfig(init_from=None, arch="trn_tiny", limit_train=64, val_size=16, val_images=16, epochs=1,
+                             batch_size=32, attack_steps=1, threads=1, out=str(tmp_path / "narrow"), device="cpu")
+    narrow = train_robust(base)
+    wide_cfg = RobustTrainConfig(**{**base.__dict__, "init_from": base.out, "widen_to": 8, "max_steps": 0,
+                                    "out": str(tmp_path / "wide")})
+    wide = train_robust(wide_cfg)  # max_steps 0: saved as widened, untrained
+    assert load_checkpoint(tmp_path / "wide", "cpu")[1]["trn"]["width"] == 8
+    x = torch.rand(4, 1, S, S)
+    with torch.no_grad():
+        torch.testing.assert_close(Restorer.load(tmp_path / "wide")(x), narrow(x), rtol=0, atol=1e-6)
+    assert wide.net.cfg.width == 8 and narrow.net.cfg.width == 4
+    with pytest.raises(ConfigError, match="widen_to needs init_from"):
+        RobustTrainConfig(init_from=None, widen_to=8)
+
+
+def test_validation_with_square_catches_masked_gradients(monkeypatch, caplog) -> None:
+    """``val_square_queries``: on a restorer whose gradient is zero (masked), PGD-10 finds nothing beyond its random
+    start, Square still breaks images, the run's log flags it, and the reported worst case counts an image only if
+    both attacks failed on it. The same net with its gradient intact is not flagged."""
+    r = Restorer.load("checkpoints/trn_fmnist_robust")
+    cfg = RobustTrainConfig(val_size=64, val_images=64, val_square_queries=300, val_square_images=48, threads=1,
+                            device="cpu")
+    with caplog.at_level("WARNING", logger="trn.train_robust"):
+        honest = validate_restorer(r, cfg)
+    assert "gradient masking" not in caplog.text and honest["val_bb_square300"] >= honest["val_pgd10_on48"] - 0.02
+    forward = r.net.forward
+    monkeypatch.setattr(r.net, "forward", lambda x, g=None: forward(x, g).detach() + 0 * x)  # same output, zero grad
+    with caplog.at_level("WARNING", logger="trn.train_robust"):
+        v = validate_restorer(r, cfg)
+    assert "possible gradient masking" in caplog.text
+    assert v["val_clean"] > 0.75
+    assert v["val_bb_square300"] < v["val_pgd10_on48"] - 0.15, v  # the gradient attack is blind, the query one is not
+    assert v["val_worst48"] <= min(v["val_bb_square300"], v["val_pgd10_on48"])
+    assert v["val_worst48"] >= v["val_bb_square300"] + v["val_pgd10_on48"] - 1
+    assert "val_bb_square300" not in validate_restorer(r, RobustTrainConfig(val_size=64, val_images=16, threads=1,
+                                                                            device="cpu"))
+    with pytest.raises(ConfigError, match="val_square_images"):
+        RobustTrainConfig(val_images=16, val_square_queries=10, val_square_images=32)

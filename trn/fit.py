@@ -50,6 +50,8 @@ class FitConfig:
     eps_max: float = 0.16
     map_from: Literal["guard", "downstream"] = "guard"  # whose gradient map the fitted net reads: the restorer's
                                                  # guard, or your classifier (serve it with {name: trn, map_from: ...})
+    widen_to: int | None = None                  # widen the restorer to this base width first (output unchanged,
+                                                 # trn.widen): more capacity for one classifier, ~4x the time at 32
     val_size: int = 500                          # carved from the data: the before/after check
     seed: int = 0
     device: str = "auto"
@@ -104,7 +106,7 @@ def fit(cfg: FitConfig) -> Restorer:
         dataset=cfg.data, zoo=[cfg.classifier], init_from=start, epochs=1, epoch_images=cfg.images,
         batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, mse_weight=cfg.mse_weight,
         clean_weight=cfg.clean_weight, eps_max=cfg.eps_max, val_size=cfg.val_size, seed=cfg.seed,
-        device=str(device), out=cfg.out, resume=False, select_min_psnr=0.0,
+        device=str(device), out=cfg.out, resume=False, select_min_psnr=0.0, widen_to=cfg.widen_to,
         map_from="attacked" if cfg.map_from == "downstream" else "guard",
     )
     log.info("fitting %s to %s on %s (%d images)", start, cfg.classifier, data.describe(), cfg.images)

@@ -62,6 +62,7 @@ from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import create_trn
 from trn.restorer import Restorer
 from trn.utils import batches, pick_device, seed_everything
+from trn.widen import widen_trn
 
 __all__ = ["AgnosticTrainConfig", "Ensemble", "agnostic_loss", "split_train_val", "train_agnostic",
            "validate_restorer"]
@@ -89,6 +90,7 @@ class AgnosticTrainConfig:
     estimator_scale: str = "std"
     estimator_confidence: float = 0.6
     init_from: str | None = "checkpoints/trn_fmnist"  # restorer checkpoint: its net, guard and map settings
+    widen_to: int | None = None                # widen init_from's net to this base width, output unchanged (trn.widen)
     attacks: list[str] = field(default_factory=lambda: list(_DEFAULT_ATTACKS))  # random_sign: tiled +-eps noise
     eps_min: float = 0.02
     eps_max: float = 0.16
@@ -124,6 +126,8 @@ class AgnosticTrainConfig:
             raise ConfigError(f"attacks must be a non-empty subset of {list(_TRAIN_ATTACKS)}, got {self.attacks}")
         if not self.zoo:
             raise ConfigError("zoo needs at least one classifier")
+        if self.widen_to is not None and (not self.init_from or self.widen_to < 4):
+            raise ConfigError("widen_to needs init_from (the net to widen) and a width >= 4")
         if not 0 <= self.eps_min <= self.eps_max:
             raise ConfigError(f"need 0 <= eps_min <= eps_max, got {self.eps_min}, {self.eps_max}")
         if not 0 <= self.clean_chunks <= self.chunks or self.chunks < 1:
@@ -331,6 +335,8 @@ def _build_restorer(cfg: AgnosticTrainConfig, c: int, device: torch.device) -> t
                  cfg.init_from, r.estimator.mode)
         prev = {k: r.metadata.get(k) for k in ("config", "history", "train_seconds")}
         r.metadata = {"image_shape": list(r.image_shape)}  # provenance of the old run goes under init_from
+        if cfg.widen_to is not None:
+            r.net = widen_trn(r.net, cfg.widen_to, seed=cfg.seed)
         return r, {"init_from": {"path": cfg.init_from, **prev}}
     est = GradientMapEstimator(cfg.estimator_mode, cfg.estimator_k, cfg.estimator_scale, cfg.estimator_confidence)
     m = map_channels(cfg.estimator_mode, c)

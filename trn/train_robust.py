@@ -60,11 +60,14 @@ from trn.restorer import Restorer
 from trn.robustness import bpda
 from trn.train_agnostic import split_indices
 from trn.utils import batches, pick_device, seed_everything
+from trn.widen import widen_trn
 
-__all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust"]
+__all__ = ["ATTACK_KINDS", "RobustTrainConfig", "adaptive_pipeline", "robust_loss", "train_robust", "validate_restorer",
+           "validation_images"]
 log = logging.getLogger(__name__)
 
 ATTACK_KINDS = ("gconst", "e2e", "bpda", "square", "guard")
+MASKING_TOL = 0.02  # validation Square this far under PGD-10 on the same images: flagged (the evaluation's tolerance)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class RobustTrainConfig:
     arch: str = "trn_small_28"                 # used only when init_from is None
     two_stream: bool = True                    # used only when init_from is None
     estimator_mode: str = "hybrid"             # used only when init_from is None
+    widen_to: int | None = None                # widen init_from's net to this base width, output unchanged (trn.widen)
     eps: float = 0.1                           # Linf budget of the training attack (= the evaluation's)
     attack_steps: int = 3                      # PGD steps per training attack (CPU: each step is a pipeline fwd+bwd)
     attack_alpha: float = 0.05                 # PGD step size
@@ -94,6 +98,10 @@ class RobustTrainConfig:
     val_size: int = 2000                       # held out from the TRAINING set for validation
     val_images: int = 500                      # of those, used by the periodic check (PGD-10 through the pipeline)
     val_every: int = 100                       # steps between validation checks (and at each epoch's end)
+    val_square_queries: int = 0                # > 0: Square with this many queries on val_square_images of them too,
+    val_square_images: int = 100               # and the per-image worst case with PGD-10 (the gradient-masking check
+                                               # a white-box-only validation misses: docs/design.md, "Tried and
+                                               # not shipped", the wider robust restorer)
     save_every: int = 50                       # steps between resumable train-state saves
     max_steps: int | None = None               # stop after this many steps in this run (a stage that fits a session)
     seed: int = 0
@@ -116,8 +124,12 @@ class RobustTrainConfig:
             raise ConfigError("need 0 < eps <= 1, attack_steps >= 1 and attack_alpha > 0")
         if self.square_queries < 1 or not 0 < self.square_p_init <= 1:
             raise ConfigError("need square_queries >= 1 and 0 < square_p_init <= 1")
+        if self.widen_to is not None and (self.init_from is None or self.widen_to < 4):
+            raise ConfigError("widen_to needs init_from (the net to widen) and a width >= 4")
         if self.val_images > self.val_size:
             raise ConfigError(f"val_images ({self.val_images}) cannot exceed val_size ({self.val_size})")
+        if self.val_square_queries < 0 or (self.val_square_queries and not 0 < self.val_square_images <= self.val_images):
+            raise ConfigError("need val_square_queries >= 0 and, with Square, 0 < val_square_images <= val_images")
 
 
 def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -189,6 +201,8 @@ def _load_restorer(cfg: RobustTrainConfig, device: torch.device) -> tuple[Restor
     if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours):
         raise CheckpointError(f"init_from {cfg.init_from}: its guard is not {cfg.guard}")
     r.guard._trn_meta = {**r.guard._trn_meta, "path": cfg.guard}
+    if cfg.widen_to is not None:
+        r.net = widen_trn(r.net, cfg.widen_to, seed=cfg.seed)
     prev = load_checkpoint(cfg.init_from, "cpu")[1]
     return r, {"init_from": {"path": cfg.init_from, "digest": checkpoint_digest(cfg.init_from),
                              "config": prev.get("config")}}
@@ -230,26 +244,64 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
 def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig) -> dict[str, float]:
     """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images; with
     ``square`` among the training kinds, the accuracy under the training's short Square too, and with ``guard``, under
-    PGD-10 crafted on the guard alone (gray-box)."""
+    PGD-10 crafted on the guard alone (gray-box). With ``val_square_queries``, Square (score queries only, the
+    evaluation's ``p_init`` 0.3) on the first ``val_square_images`` and the per-image worst case of it and PGD-10
+    there: a net that masks its gradients looks better under PGD than under Square."""
     r.eval()
     pipe = adaptive_pipeline(r, "gconst")
     atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1)
     square = _training_attack(cfg, "square", 1) if "square" in cfg.kinds else None
-    clean = adv = sq = gray = 0
+    clean = sq = gray = 0
+    pgd_ok = []  # (B,) bool per batch: correct under PGD-10
     for s in batches(len(x), 250):
         xb, yb = x[s], y[s]
         clean += (pipe(xb).argmax(1) == yb).sum().item()
-        adv += (pipe(atk(pipe, xb, yb)).argmax(1) == yb).sum().item()
+        pgd_ok.append(pipe(atk(pipe, xb, yb)).argmax(1) == yb)
         if square is not None:
             sq += (pipe(square(pipe, xb, yb)).argmax(1) == yb).sum().item()
         if "guard" in cfg.kinds:
             gray += (pipe(atk(r.guard, xb, yb)).argmax(1) == yb).sum().item()
-    out = {"val_clean": clean / len(x), "val_pgd10_gconst": adv / len(x)}
+    pgd = torch.cat(pgd_ok)  # (N,)
+    out = {"val_clean": clean / len(x), "val_pgd10_gconst": pgd.float().mean().item()}
     if square is not None:
         out[f"val_square{cfg.square_queries}"] = sq / len(x)
     if "guard" in cfg.kinds:
         out["val_pgd10_guard"] = gray / len(x)
+    if cfg.val_square_queries:
+        m, q = cfg.val_square_images, cfg.val_square_queries
+        bb = Square(eps=cfg.eps, queries=q, p_init=0.3, seed=1)
+        bb_ok = torch.cat([pipe(bb(pipe, x[s], y[s])).argmax(1) == y[s] for s in batches(m, 250)])  # (m,)
+        out[f"val_bb_square{q}"] = bb_ok.float().mean().item()
+        out[f"val_worst{m}"] = (bb_ok & pgd[:m]).float().mean().item()
+        out[f"val_pgd10_on{m}"] = pgd[:m].float().mean().item()
+        if out[f"val_bb_square{q}"] < out[f"val_pgd10_on{m}"] - MASKING_TOL:
+            log.warning("validation: Square-%d leaves %.1f %% where PGD-10 leaves %.1f %% on the same %d images: "
+                        "the gradient attacks are being fooled (possible gradient masking)", q,
+                        100 * out[f"val_bb_square{q}"], 100 * out[f"val_pgd10_on{m}"], m)
     return out
+
+
+def validation_images(cfg: RobustTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``val_images`` validation images (and labels) a run with ``cfg`` checks against: carved from the training
+    set by ``seed`` and ``val_size``, never trained on."""
+    full = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    val_idx = _split(cfg, len(full))[0][: cfg.val_images]
+    return full.images[val_idx], full.labels[val_idx]
+
+
+def _split(cfg: RobustTrainConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation indices, training indices) of a dataset of ``n`` images: a pure function of ``seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    return order[: cfg.val_size], order[cfg.val_size :]
+
+
+def validate_restorer(r: Restorer, cfg: RobustTrainConfig) -> dict[str, float]:
+    """The training run's validation figures (:func:`_validate`) for any restorer, on ``cfg``'s validation split:
+    compare a checkpoint with the one it started from, e.g. with ``val_square_queries`` set."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    x, y = validation_images(cfg)
+    return _validate(r, x.to(r.device), y.to(r.device), cfg)
 
 
 # What a checkpoint's metadata says it was trained against, per training-attack kind.
@@ -277,8 +329,7 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     full = load_dataset(cfg.dataset, cfg.data_dir, "train")
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 12345))
-    val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    val_idx, train_idx = _split(cfg, len(full))
     if cfg.exclude_val_of is not None:
         train_idx = train_idx[~torch.isin(train_idx, _val_indices_of(cfg.exclude_val_of, len(full)))]
     if cfg.limit_train is not None:

@@ -1,0 +1,60 @@
+"""Robust restorers on their training run's validation split, white-box and black-box: the check that decides a stage.
+
+    python benchmarks/robust_validation.py checkpoints/trn_fmnist_robust checkpoints/trn_fmnist_robust_wide
+
+For each restorer checkpoint, the figures ``trn train-robust`` logs every ``val_every`` steps (clean and PGD-10
+through the whole pipeline on ``val_images`` images), plus Square (score queries only) on the first
+``--square-images`` of them and the per-image worst case of the two there. The split is the one of ``--config`` (its
+``val_size`` and ``seed``: 2,000 images carved from the training set, never the test set). A restorer that masks its
+gradients looks better under PGD than under Square; PGD-10 alone once preferred such a net (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("restorers", nargs="+", help="restorer checkpoints (NAME for NAME.safetensors + NAME.json)")
+    p.add_argument("--config", default=str(REPO / "configs/trn_fmnist_robust.yaml"), help="whose validation split")
+    p.add_argument("--square-queries", type=int, default=1000)
+    p.add_argument("--square-images", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    from trn.config import load_config
+    from trn.restorer import Restorer
+    from trn.train_robust import MASKING_TOL, RobustTrainConfig, validate_restorer
+
+    cfg = load_config(RobustTrainConfig, args.config, [f"val_square_queries={args.square_queries}",
+                                                        f"val_square_images={args.square_images}",
+                                                        f"threads={args.threads}"])
+    rows = {}
+    for path in args.restorers:
+        rows[path] = validate_restorer(Restorer.load(path), cfg)
+        print(path, json.dumps({k: round(v, 4) for k, v in rows[path].items()}), flush=True)
+    m, q = cfg.val_square_images, cfg.val_square_queries
+    print(f"\nvalidation split of {args.config} ({cfg.val_images} images; Square-{q} and the worst case on the "
+          f"first {m}), accuracy %")
+    print(f"| restorer | clean | PGD-10 | PGD-10 (first {m}) | Square-{q} (first {m}) | worst case (first {m}) | "
+          "Square under PGD-10 by more than 2 points (masking) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for path, r in rows.items():
+        pgd, sq = r[f"val_pgd10_on{m}"], r[f"val_bb_square{q}"]
+        flag = f"**yes** ({100 * (pgd - sq):.1f})" if sq < pgd - MASKING_TOL else "no"
+        print(f"| {path} | {100 * r['val_clean']:.1f} | {100 * r['val_pgd10_gconst']:.1f} | {100 * pgd:.1f} | "
+              f"{100 * sq:.1f} | {100 * r[f'val_worst{m}']:.1f} | {flag} |")
+    out = REPO / "runs/robust_validation.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "square_queries": q, "square_images": m, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

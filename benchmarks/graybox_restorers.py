@@ -20,14 +20,14 @@ import torch
 from trn.data import load_dataset
 from trn.evaluate import EvalConfig, make_attack
 from trn.fidelity import psnr_per_image
-from trn.restorer import Restorer
+from trn.restorer import PRETRAINED, Restorer
 
 RESTORERS = ("fashion-mnist", "fashion-mnist-robust")
 
 
 def _load(spec: str) -> Restorer:
     """A pretrained name (``fashion-mnist-robust``) or a checkpoint path."""
-    return Restorer.load(spec) if Path(spec + ".safetensors").is_file() else Restorer.pretrained(spec)
+    return Restorer.pretrained(spec) if spec in PRETRAINED else Restorer.load(spec)
 
 
 def main(specs: list[str]) -> None:

@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from trn.config import load_config
     from trn.restorer import Restorer
-    from trn.train_robust import MASKING_TOL, RobustTrainConfig, validate_restorer
+    from trn.train_robust import RobustTrainConfig, validate_robust_restorer
 
     cfg = load_config(RobustTrainConfig, args.config, [f"val_square_queries={args.square_queries}",
                                                         f"val_square_images={args.square_images}",
                                                         f"threads={args.threads}"])
     rows = {}
     for path in args.restorers:
-        rows[path] = validate_restorer(Restorer.load(path), cfg)
+        rows[path] = validate_robust_restorer(Restorer.load(path), cfg)
         print(path, json.dumps({k: round(v, 4) for k, v in rows[path].items()}), flush=True)
     m, q = cfg.val_square_images, cfg.val_square_queries
     print(f"\nvalidation split of {args.config} ({cfg.val_images} images; Square-{q} and the worst case on the "
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---|")
     for path, r in rows.items():
         pgd, sq = r[f"val_pgd10_on{m}"], r[f"val_bb_square{q}"]
-        flag = f"**yes** ({100 * (pgd - sq):.1f})" if sq < pgd - MASKING_TOL else "no"
+        flag = f"**yes** ({100 * (pgd - sq):.1f})" if r["val_masking_flag"] else "no"
         print(f"| {path} | {100 * r['val_clean']:.1f} | {100 * r['val_pgd10_gconst']:.1f} | {100 * pgd:.1f} | "
               f"{100 * sq:.1f} | {100 * r[f'val_worst{m}']:.1f} | {flag} |")
     out = REPO / "runs/robust_validation.json"

@@ -10,7 +10,13 @@ from trn.attacks import create_attack
 from trn.checkpoint import load_checkpoint
 from trn.errors import CheckpointError, ConfigError
 from trn.restorer import Restorer
-from trn.train_robust import RobustTrainConfig, adaptive_pipeline, robust_loss, train_robust, validate_restorer
+from trn.train_robust import (
+    RobustTrainConfig,
+    adaptive_pipeline,
+    robust_loss,
+    train_robust,
+    validate_robust_restorer,
+)
 
 S = 28
 
@@ -210,19 +216,20 @@ def test_validation_with_square_catches_masked_gradients(monkeypatch, caplog) ->
     r = Restorer.load("checkpoints/trn_fmnist_robust")
     cfg = RobustTrainConfig(val_size=64, val_images=64, val_square_queries=300, val_square_images=48, threads=1,
                             device="cpu")
-    with caplog.at_level("WARNING", logger="trn.train_robust"):
-        honest = validate_restorer(r, cfg)
-    assert "gradient masking" not in caplog.text and honest["val_bb_square300"] >= honest["val_pgd10_on48"] - 0.02
+    with caplog.at_level("WARNING", logger="trn.robustness"):
+        honest = validate_robust_restorer(r, cfg)
+    assert "SANITY CHECK FAILED" not in caplog.text and honest["val_masking_flag"] == 0.0
+    assert honest["val_bb_square300"] >= honest["val_pgd10_on48"] - 0.02
     forward = r.net.forward
     monkeypatch.setattr(r.net, "forward", lambda x, g=None: forward(x, g).detach() + 0 * x)  # same output, zero grad
-    with caplog.at_level("WARNING", logger="trn.train_robust"):
-        v = validate_restorer(r, cfg)
-    assert "possible gradient masking" in caplog.text
+    with caplog.at_level("WARNING", logger="trn.robustness"):
+        v = validate_robust_restorer(r, cfg)
+    assert "SANITY CHECK FAILED (white-box >= black-box)" in caplog.text and v["val_masking_flag"] == 1.0
     assert v["val_clean"] > 0.75
     assert v["val_bb_square300"] < v["val_pgd10_on48"] - 0.15, v  # the gradient attack is blind, the query one is not
     assert v["val_worst48"] <= min(v["val_bb_square300"], v["val_pgd10_on48"])
     assert v["val_worst48"] >= v["val_bb_square300"] + v["val_pgd10_on48"] - 1
-    assert "val_bb_square300" not in validate_restorer(r, RobustTrainConfig(val_size=64, val_images=16, threads=1,
-                                                                            device="cpu"))
+    assert "val_bb_square300" not in validate_robust_restorer(r, RobustTrainConfig(val_size=64, val_images=16,
+                                                                                   threads=1, device="cpu"))
     with pytest.raises(ConfigError, match="val_square_images"):
         RobustTrainConfig(val_images=16, val_square_queries=10, val_square_images=32)

@@ -233,3 +233,23 @@ def test_validation_with_square_catches_masked_gradients(monkeypatch, caplog) ->
                                                                                    threads=1, device="cpu"))
     with pytest.raises(ConfigError, match="val_square_images"):
         RobustTrainConfig(val_images=16, val_square_queries=10, val_square_images=32)
+
+
+def test_validation_with_apgd_takes_every_whitebox_attack(monkeypatch) -> None:
+    """``val_apgd_steps``: APGD-CE/DLR join PGD-10 on the Square images; the white-box figure is the per-image
+    conjunction (never above either attack), the worst case never above it or Square, and the masking flag compares
+    Square with it: the zero-gradient net stays flagged, since APGD is as blind as PGD there."""
+    r = Restorer.load("checkpoints/trn_fmnist_robust")
+    cfg = RobustTrainConfig(val_size=48, val_images=48, val_square_queries=200, val_square_images=32,
+                            val_apgd_steps=10, threads=1, device="cpu")
+    v = validate_robust_restorer(r, cfg)
+    assert v["val_whitebox_on32"] <= min(v["val_apgd10_on32"], v["val_pgd10_on32"])
+    assert v["val_whitebox_on32"] >= v["val_apgd10_on32"] + v["val_pgd10_on32"] - 1
+    assert v["val_worst32"] <= min(v["val_whitebox_on32"], v["val_bb_square200"])
+    assert v["val_apgd10_on32"] < v["val_clean"]  # the attack does something on an honest net
+    forward = r.net.forward
+    monkeypatch.setattr(r.net, "forward", lambda x, g=None: forward(x, g).detach() + 0 * x)  # same output, zero grad
+    masked = validate_robust_restorer(r, cfg)
+    assert masked["val_masking_flag"] == 1.0 and masked["val_apgd10_on32"] > masked["val_bb_square200"] + 0.1
+    with pytest.raises(ConfigError, match="val_apgd_steps needs val_square_queries"):
+        RobustTrainConfig(val_apgd_steps=10)

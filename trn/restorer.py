@@ -33,7 +33,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # the s
 # fashion-mnist-guard: the guard-specific gray-box net (best for the shipped guard itself); -robust: adaptive attackers;
 # -fallback: the query shield's fallback for noisy images (the `trn` stage's `fallback`; short Square attacks, gray-box).
 PRETRAINED = {"fashion-mnist": "trn_fmnist_agnostic", "fashion-mnist-guard": "trn_fmnist",
-              "fashion-mnist-robust": "trn_fmnist_robust_pgd10", "fashion-mnist-fallback": "trn_fmnist_fallback"}
+              "fashion-mnist-robust": "trn_fmnist_robust_pgd20", "fashion-mnist-fallback": "trn_fmnist_fallback"}
 
 
 class Restorer(nn.Module):

@@ -589,7 +589,7 @@ def _default_adaptive_rows() -> list[DefenseRow]:
     return [
         DefenseRow("no defence"),
         DefenseRow("TRN (gray-box net)", [{"name": "trn", "checkpoint": "checkpoints/trn_fmnist"}]),
-        DefenseRow("robust TRN", [{"name": "trn", "checkpoint": "checkpoints/trn_fmnist_robust_pgd10"}]),
+        DefenseRow("robust TRN", [{"name": "trn", "checkpoint": "checkpoints/trn_fmnist_robust_pgd20"}]),
         DefenseRow("TRADES adversarial training", [], "checkpoints/fmnist_guard_trades"),
         DefenseRow("PGD adversarial training", [], "checkpoints/fmnist_guard_advtrain"),
     ]

@@ -101,6 +101,9 @@ class RobustTrainConfig:
     val_square_images: int = 100               # and the per-image worst case with PGD-10 (the gradient-masking check
                                                # a white-box-only validation misses: docs/design.md, "Tried and
                                                # not shipped", the wider robust restorer)
+    val_apgd_steps: int = 0                    # > 0 (with Square): APGD-CE and APGD-DLR with this many steps on the
+                                               # same images; the worst case and the masking check then use every
+                                               # white-box attack, as the test-set evaluation does
     save_every: int = 50                       # steps between resumable train-state saves
     max_steps: int | None = None               # stop after this many steps in this run (a stage that fits a session)
     seed: int = 0
@@ -129,6 +132,8 @@ class RobustTrainConfig:
             raise ConfigError(f"val_images ({self.val_images}) cannot exceed val_size ({self.val_size})")
         if self.val_square_queries < 0 or (self.val_square_queries and not 0 < self.val_square_images <= self.val_images):
             raise ConfigError("need val_square_queries >= 0 and, with Square, 0 < val_square_images <= val_images")
+        if self.val_apgd_steps < 0 or (self.val_apgd_steps and not self.val_square_queries):
+            raise ConfigError("val_apgd_steps needs val_square_queries (APGD runs on the Square images) and must be >= 0")
 
 
 def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -247,7 +252,9 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
     evaluation's ``p_init`` 0.3) on the first ``val_square_images`` and the per-image worst case of it and PGD-10
     there, and ``val_masking_flag`` (1.0 where Square lands more than 2 points under PGD-10 on the same images, the
     evaluation's white-box >= black-box check): a net that masks its gradients looks better under PGD than under
-    Square."""
+    Square. With ``val_apgd_steps`` too, APGD-CE and APGD-DLR on those images (``val_apgd{n}_on{m}``: correct under
+    both), and the worst case and the flag use every white-box attack (``val_whitebox_on{m}``), not PGD-10 alone:
+    a short PGD can miss what APGD finds on a net that is merely hard to optimise against."""
     r.eval()
     pipe = adaptive_pipeline(r, "gconst")
     atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1)
@@ -273,10 +280,20 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
         bb = Square(eps=cfg.eps, queries=q, p_init=0.3, seed=1)
         bb_ok = torch.cat([pipe(bb(pipe, x[s], y[s])).argmax(1) == y[s] for s in batches(m, 250)])  # (m,)
         out[f"val_bb_square{q}"] = bb_ok.float().mean().item()
-        out[f"val_worst{m}"] = (bb_ok & pgd[:m]).float().mean().item()
         out[f"val_pgd10_on{m}"] = pgd[:m].float().mean().item()
+        wb = pgd[:m].clone()  # (m,) correct under every white-box attack run
+        if cfg.val_apgd_steps:
+            n = cfg.val_apgd_steps
+            apgd_ok = torch.ones(m, dtype=torch.bool, device=pgd.device)
+            for loss in ("ce", "dlr"):
+                a = create_attack("apgd", eps=cfg.eps, steps=n, loss=loss, seed=1)
+                apgd_ok &= torch.cat([pipe(a(pipe, x[s], y[s])).argmax(1) == y[s] for s in batches(m, 250)])
+            out[f"val_apgd{n}_on{m}"] = apgd_ok.float().mean().item()
+            wb &= apgd_ok
+            out[f"val_whitebox_on{m}"] = wb.float().mean().item()
+        out[f"val_worst{m}"] = (bb_ok & wb).float().mean().item()
         # the evaluation's white-box >= black-box check (2-point tolerance); it logs a warning when it fails
-        out["val_masking_flag"] = float(not check_whitebox_vs_blackbox(pgd[:m], bb_ok).passed)
+        out["val_masking_flag"] = float(not check_whitebox_vs_blackbox(wb, bb_ok).passed)
     return out
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"worst case (first {m})", f"Square under {wb_name} by more than 2 points (masking) |"]))
     print("|---|" + "---:|" * (5 + len(apgd_cols)) + "---|")
     for path, r in rows.items():
-        wb = r[f"val_whitebox_on{m}"] if n else r[f"val_pgd10_on{m}"]
+        wb = r[f"val_whitebox_on{m}"]
         sq = r[f"val_bb_square{q}"]
         flag = f"**yes** ({100 * (wb - sq):.1f})" if r["val_masking_flag"] else "no"
         cells = [path, r["val_clean"], r["val_pgd10_gconst"], r[f"val_pgd10_on{m}"],

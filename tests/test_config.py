@@ -59,8 +59,16 @@ def test_yaml_file_is_read_and_coerced(tmp_path: Path) -> None:
     assert to_dict(cfg)["optim"] == {"lr": 0.5, "name": "adam"}
 
 
-def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(Cfg, _yaml(tmp_path, "")) == Cfg()
+def test_no_config_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(Cfg) == Cfg()
+    assert load_config(Cfg, overrides=["epochs=7"]) == Cfg(epochs=7)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_config_file_without_options_is_refused(tmp_path: Path, text: str) -> None:
+    # Running the defaults from a file that says nothing would silently write to the default output path.
+    with pytest.raises(ConfigError, match="holds no options"):
+        load_config(Cfg, _yaml(tmp_path, text))
 
 
 def test_unknown_key_lists_valid_options(tmp_path: Path) -> None:

@@ -623,6 +623,9 @@ def test_builder_args_and_config_errors(ckpts, tmp_path) -> None:
                                                  "class_names": ["a", "b"]}})
     with pytest.raises(ConfigError, match="port"):
         load_serve_config(None, ["port=70000"])
+    (tmp_path / "empty.yaml").write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="holds no options"):
+        load_serve_config(tmp_path / "empty.yaml")
     with pytest.raises(ConfigError, match="unknown option"):
         run_serve_command(argparse.Namespace(config=None, set=["app.nope=1"], address=None, blocking=False))
 

@@ -114,9 +114,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if data is None:  # a file named on purpose but holding nothing is a mistake, not a request for defaults
+            raise ConfigError(
+                f"config file {p} holds no options (empty or comments only); leave out --config for the defaults"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of options at top level")
     for text in overrides or []:

@@ -61,8 +61,10 @@ def test_fit_widened_restorer_starts_where_the_narrow_one_was(setup, tmp_path):
     d, _ = setup
     torch.set_num_threads(1)
     kw = {"classifier": str(d / "clf.pt"), "data": str(d / "data.npz"), "restorer": str(d / "start"), "images": 128,
-          "batch_size": 64, "val_size": 150, "lr": 3e-3, "device": "cpu"}
+          "batch_size": 64, "val_size": 150, "lr": 3e-3, "device": "cpu", "attacks": ["pgd", "fgsm"], "attack_steps": 3}
     narrow = fit(FitConfig(**kw, out=str(tmp_path / "narrow")))
+    trained_with = Restorer.load(tmp_path / "narrow").metadata["config"]  # the attack options reach the training
+    assert (trained_with["attacks"], trained_with["attack_steps"]) == (["pgd", "fgsm"], 3)
     wide = fit(FitConfig(**kw, out=str(tmp_path / "wide"), widen_to=8))
     assert Restorer.load(tmp_path / "wide").net.cfg.width == 8 and narrow.net.cfg.width == 4
     h0n, h0w = narrow.metadata["history"][0], wide.metadata["history"][0]
@@ -90,6 +92,10 @@ def test_fit_bad_inputs(setup, tmp_path):
         load_fit_data(str(tmp_path / "missing.npz"))
     with pytest.raises(ConfigError, match="images must be >= 1"):
         FitConfig(classifier="c", images=0)
+    with pytest.raises(ConfigError, match=r"attacks must be a non-empty subset"):  # before any data is loaded
+        fit(FitConfig(classifier=str(tmp_path / "missing.pt"), data=str(tmp_path / "missing"), attacks=["nope"]))
+    with pytest.raises(ConfigError, match="eps_min <= eps_max"):
+        fit(FitConfig(classifier=str(tmp_path / "missing.pt"), eps_min=0.2, eps_max=0.1))
     rgb = load_dataset("fashion-mnist", None, "test").subset(300, 0)
     rgb.images = rgb.images.repeat(1, 3, 1, 1)
     save_npz(tmp_path / "rgb.npz", rgb)

@@ -47,7 +47,10 @@ class FitConfig:
     kl_weight: float = 3.0                       # ViT and the ResNet (docs/design.md, "Fitting to your classifier")
     mse_weight: float = 5.0
     clean_weight: float = 3.0
-    eps_max: float = 0.16
+    eps_min: float = 0.02                        # each training chunk's attack: drawn from `attacks` (None: the
+    eps_max: float = 0.16                        # agnostic mix, FGSM / BIM / PGD / MIM / CW-L2) at an eps drawn
+    attacks: list[str] | None = None             # uniformly from [eps_min, eps_max], with attack_steps steps
+    attack_steps: int = 7
     map_from: Literal["guard", "downstream"] = "guard"  # whose gradient map the fitted net reads: the restorer's
                                                  # guard, or your classifier (serve it with {name: trn, map_from: ...})
     widen_to: int | None = None                  # widen the restorer to this base width first (output unchanged,
@@ -57,7 +60,7 @@ class FitConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("images", "batch_size", "val_size"):
+        for name in ("images", "batch_size", "val_size", "attack_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -94,6 +97,15 @@ def fit(cfg: FitConfig) -> Restorer:
     """
     start = _start_path(cfg.restorer)
     device = pick_device(cfg.device)
+    # The training config first: a bad option (an unknown attack, an eps range) fails before the data is loaded.
+    tcfg = AgnosticTrainConfig(
+        dataset=cfg.data, zoo=[cfg.classifier], init_from=start, epochs=1, epoch_images=cfg.images,
+        batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, mse_weight=cfg.mse_weight,
+        clean_weight=cfg.clean_weight, eps_min=cfg.eps_min, eps_max=cfg.eps_max, attack_steps=cfg.attack_steps,
+        **({"attacks": list(cfg.attacks)} if cfg.attacks is not None else {}), val_size=cfg.val_size, seed=cfg.seed,
+        device=str(device), out=cfg.out, resume=False, select_min_psnr=0.0, widen_to=cfg.widen_to,
+        map_from="attacked" if cfg.map_from == "downstream" else "guard",
+    )
     data = load_fit_data(cfg.data)
     base = Restorer.load(start, "cpu")
     if tuple(data.shape) != tuple(base.image_shape):
@@ -102,13 +114,6 @@ def fit(cfg: FitConfig) -> Restorer:
     if len(data) <= cfg.val_size:
         raise DataError(f"{len(data)} images are too few for a {cfg.val_size}-image validation split (set val_size)")
     clf = load_downstream(cfg.classifier, data.shape, data.num_classes, device)
-    tcfg = AgnosticTrainConfig(
-        dataset=cfg.data, zoo=[cfg.classifier], init_from=start, epochs=1, epoch_images=cfg.images,
-        batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, mse_weight=cfg.mse_weight,
-        clean_weight=cfg.clean_weight, eps_max=cfg.eps_max, val_size=cfg.val_size, seed=cfg.seed,
-        device=str(device), out=cfg.out, resume=False, select_min_psnr=0.0, widen_to=cfg.widen_to,
-        map_from="attacked" if cfg.map_from == "downstream" else "guard",
-    )
     log.info("fitting %s to %s on %s (%d images)", start, cfg.classifier, data.describe(), cfg.images)
     r = train_agnostic(tcfg, data=data, zoo=[clf])
     hist = r.metadata.get("history", [])

@@ -172,3 +172,45 @@ def test_shipped_classifier_config_loads() -> None:
     cfg = load_config(ClassifierTrainConfig, path, ["epochs=1"])
     assert cfg.arch == "small_cnn" and cfg.dataset == "fashion-mnist" and cfg.epochs == 1
     assert cfg.out == "checkpoints/fmnist_guard"
+
+
+
+_MANIFESTS = {"kuberay-rayservice.yaml", "serve_deploy.yaml"}  # deployment manifests, checked in tests/test_serve.py
+
+
+def _config_loader(name: str):
+    """The loader of a file in configs/, by its name (the command that reads it)."""
+    from trn.eval_downstream import DownstreamEvalConfig
+    from trn.evaluate import EvalConfig
+    from trn.evaluate_defenses import DefenseEvalConfig
+    from trn.robustness import AdaptiveEvalConfig
+    from trn.serve_config import load_serve_config
+    from trn.train_agnostic import AgnosticTrainConfig
+    from trn.train_classifier import ClassifierTrainConfig
+    from trn.train_robust import RobustTrainConfig
+    from trn.train_trn import TRNTrainConfig
+
+    if name.startswith("serve"):
+        return load_serve_config
+    table = [  # (file-name prefix, config class); the first match wins
+        ("classifier_", ClassifierTrainConfig), ("zoo_", ClassifierTrainConfig),
+        ("eval_adaptive", AdaptiveEvalConfig), ("eval_robust", AdaptiveEvalConfig),
+        ("eval_defenses", DefenseEvalConfig), ("eval_downstream", DownstreamEvalConfig), ("eval_", EvalConfig),
+        ("trn_fmnist_agnostic", AgnosticTrainConfig), ("trn_fmnist_robust", RobustTrainConfig),
+        ("trn_fmnist_fallback", RobustTrainConfig), ("trn_fmnist", TRNTrainConfig),
+    ]
+    for prefix, cls in table:
+        if name.startswith(prefix):
+            return lambda path: load_config(cls, path)
+    raise AssertionError(f"configs/{name}: no loader known for this name; add it to the table")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")) if p.name not in _MANIFESTS],
+    ids=lambda p: p.name,
+)
+def test_every_shipped_config_loads(path: Path) -> None:
+    """Each file in configs/ parses into the config of the command that reads it: no unknown key, no bad type."""
+    cfg = _config_loader(path.name)(path)
+    assert dataclasses.is_dataclass(cfg) or type(cfg).__name__ == "ServeConfig"

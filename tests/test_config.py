@@ -59,7 +59,7 @@ def test_yaml_file_is_read_and_coerced(tmp_path: Path) -> None:
     assert to_dict(cfg)["optim"] == {"lr": 0.5, "name": "adam"}
 
 
-def test_no_config_file_gives_defaults(tmp_path: Path) -> None:
+def test_no_config_file_gives_defaults() -> None:
     assert load_config(Cfg) == Cfg()
     assert load_config(Cfg, overrides=["epochs=7"]) == Cfg(epochs=7)
 
@@ -172,7 +172,6 @@ def test_shipped_classifier_config_loads() -> None:
     cfg = load_config(ClassifierTrainConfig, path, ["epochs=1"])
     assert cfg.arch == "small_cnn" and cfg.dataset == "fashion-mnist" and cfg.epochs == 1
     assert cfg.out == "checkpoints/fmnist_guard"
-
 
 
 _MANIFESTS = {"kuberay-rayservice.yaml", "serve_deploy.yaml"}  # deployment manifests, checked in tests/test_serve.py

@@ -21,6 +21,7 @@ for m in trn_fmnist_onestream trn_fmnist_argmax; do
 done
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_gfa.yaml
 .venv/bin/trn train-classifier --config configs/classifier_fmnist_advtrain.yaml
+.venv/bin/trn train-classifier --config configs/classifier_fmnist_pgdat.yaml   # the fair PGD-AT baseline (~1 h)
 # issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out; mixer and
 # dwcnn join the five-member ablation zoo), then the downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist
 # against the zoo (0.5-2 min per zoo epoch, ~17 min for the restorer on one core), its three ablations (guard maps

@@ -13,7 +13,7 @@ import yaml
 
 from trn.errors import ConfigError
 
-__all__ = ["from_dict", "load_config", "parse_override", "to_dict"]
+__all__ = ["from_dict", "load_config", "parse_override", "read_yaml_mapping", "to_dict"]
 
 T = TypeVar("T")
 
@@ -106,23 +106,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """The top-level mapping of YAML file ``path`` (``yaml.safe_load``), shared by every config loader.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, holds no options (empty or comments only: a file named on
+            purpose that says nothing is a mistake, not a request for the defaults), or is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(
+            f"config file {p} holds no options (empty or comments only); leave out --config for the defaults"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of options at top level")
+    return data
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Read YAML ``path`` (optional) into dataclass ``cls``, then apply ``key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if data is None:  # a file named on purpose but holding nothing is a mistake, not a request for defaults
-            raise ConfigError(
-                f"config file {p} holds no options (empty or comments only); leave out --config for the defaults"
-            )
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of options at top level")
+    data: dict = read_yaml_mapping(path) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trn.config import parse_override
+from trn.config import parse_override, read_yaml_mapping
 from trn.defenses.spec import canonical_defenses, map_trn_checkpoints, serving_defenses, split_defenses
 from trn.errors import ConfigError
 from trn.output_policy import OutputPolicy
@@ -364,22 +364,8 @@ def load_serve_config(path: str | os.PathLike | None = None, overrides: list[str
     Raises:
         ConfigError: a missing / invalid file, or a bad option (named).
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     where = str(path) if path else "config"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if data is None:  # as trn.config.load_config: a named file that says nothing is a mistake
-            raise ConfigError(
-                f"config file {p} holds no options (empty or comments only); leave out --config for the defaults"
-            )
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of options at top level")
     for text in overrides or []:
         keys, value = parse_override(text)
         _set_dotted(data, keys, value, f"override {text!r}")

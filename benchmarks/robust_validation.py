@@ -9,6 +9,8 @@ through the whole pipeline on ``val_images`` images), plus Square (score queries
 gradients looks better under PGD than under Square; PGD-10 alone once preferred such a net (docs/design.md).
 ``--apgd-steps 100`` adds APGD-CE and APGD-DLR on the Square images, and the worst case and the masking check then
 take every white-box attack, as the test-set evaluation does (a short PGD can under-attack a net without masking).
+``--noise-std 0.05 --eot 8`` scores each restorer behind fresh Gaussian noise (a randomised defence), every gradient
+attack averaging its gradients over 8 draws (EOT): the randomness ablation of docs/design.md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--square-queries", type=int, default=1000)
     p.add_argument("--square-images", type=int, default=200)
     p.add_argument("--apgd-steps", type=int, default=0, help="APGD-CE and -DLR steps on the Square images (0: off)")
+    p.add_argument("--noise-std", type=float, default=0.0, help="fresh Gaussian noise in front of the restorer")
+    p.add_argument("--eot", type=int, default=1, help="gradient attacks average over this many noise draws")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -41,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                                                         f"threads={args.threads}"])
     rows = {}
     for path in args.restorers:
-        rows[path] = validate_robust_restorer(Restorer.load(path), cfg)
+        rows[path] = validate_robust_restorer(Restorer.load(path), cfg, args.noise_std, args.eot)
         print(path, json.dumps({k: round(v, 4) for k, v in rows[path].items()}), flush=True)
     m, q, n = cfg.val_square_images, cfg.val_square_queries, cfg.val_apgd_steps
     apgd_cols = [f"APGD-CE/DLR-{n} (first {m})", f"every white-box attack (first {m})"] if n else []
     wb_name = "every white-box attack" if n else "PGD-10"
     print(f"\nvalidation split of {args.config} ({cfg.val_images} images; Square-{q} and the worst case on the "
-          f"first {m}), accuracy %")
+          f"first {m}), accuracy %" + (f"; noise std {args.noise_std:g} in front, EOT over {args.eot} draws"
+                                         if args.noise_std else ""))
     print(" | ".join([f"| restorer | clean | PGD-10 | PGD-10 (first {m})", *apgd_cols, f"Square-{q} (first {m})",
                       f"worst case (first {m})", f"Square under {wb_name} by more than 2 points (masking) |"]))
     print("|---|" + "---:|" * (5 + len(apgd_cols)) + "---|")
@@ -60,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(c if isinstance(c, str) else f"{100 * c:.1f}" for c in cells) + " |")
     out = REPO / "runs/robust_validation.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "square_queries": q, "square_images": m,
-                               "apgd_steps": n, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"config": args.config, "square_queries": q, "square_images": m, "apgd_steps": n,
+                               "noise_std": args.noise_std, "eot_iter": args.eot, "rows": rows}, indent=2))
     return 0
 
 

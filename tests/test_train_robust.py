@@ -16,6 +16,7 @@ from trn.train_robust import (
     robust_loss,
     train_robust,
     validate_robust_restorer,
+    validation_images,
 )
 
 S = 28
@@ -253,3 +254,46 @@ def test_validation_with_apgd_takes_every_whitebox_attack(monkeypatch) -> None:
     assert masked["val_masking_flag"] == 1.0 and masked["val_apgd10_on32"] > masked["val_bb_square200"] + 0.1
     with pytest.raises(ConfigError, match="val_apgd_steps needs val_square_queries"):
         RobustTrainConfig(val_apgd_steps=10)
+
+
+def test_val_from_guard_validates_on_images_the_guard_held_out() -> None:
+    """A stacked defence is chosen on images its guard never trained on: the guard run's own validation split."""
+    from trn.data import load_dataset
+    from trn.train_classifier import validation_indices
+
+    cfg = RobustTrainConfig(guard="checkpoints/fmnist_guard_pgdat", init_from=None, two_stream=False,
+                            val_from_guard=True, val_size=2000, val_images=300)
+    x, y = validation_images(cfg)
+    full = load_dataset("fashion-mnist", None, "train")
+    held_out = validation_indices(len(full), 0.1, 0)[0]  # fmnist_guard_pgdat.json: val_size 0.1, seed 0
+    assert x.shape == (300, 1, S, S)
+    assert torch.equal(x, full.images[held_out[:300]]) and torch.equal(y, full.labels[held_out[:300]])
+    own = validation_images(RobustTrainConfig(guard="checkpoints/fmnist_guard_pgdat", val_size=2000, val_images=300))
+    assert not torch.equal(own[0], x)  # without the option: the run's own seeded split
+    with pytest.raises(ConfigError, match="fewer than val_size"):
+        validation_images(RobustTrainConfig(**{**cfg.__dict__, "val_size": 7000, "val_images": 10}))
+    with pytest.raises(CheckpointError, match="names no validation split"):  # the shipped guard trained on all 60k
+        validation_images(RobustTrainConfig(**{**cfg.__dict__, "guard": "checkpoints/fmnist_guard"}))
+
+
+def test_validation_behind_noise_attacks_every_draw_with_eot(monkeypatch) -> None:
+    """``noise_std``: the restorer sees freshly noised images at every call, and each PGD step averages its gradient
+    over ``eot_iter`` draws (so the restorer runs about eot_iter times as often); noise that drowns the image drowns
+    the clean accuracy with it."""
+    r = Restorer.load("checkpoints/trn_fmnist_robust")
+    cfg = RobustTrainConfig(val_size=32, val_images=32, threads=1, device="cpu")
+    x, _ = validation_images(cfg)
+    seen: list[torch.Tensor] = []
+    forward = r.net.forward
+    monkeypatch.setattr(r.net, "forward", lambda xb, g=None: (seen.append(xb.detach().clone()), forward(xb, g))[1])
+    plain = validate_robust_restorer(r, cfg)
+    assert torch.equal(seen[0], x)  # no noise: the clean pass reads the images as they are
+    n_plain = len(seen)
+    seen.clear()
+    validate_robust_restorer(r, cfg, noise_std=0.05, eot_iter=4)
+    assert 0.02 < (seen[0] - x).std() < 0.08  # the clean pass reads noised images
+    assert len(seen) >= 3 * n_plain  # every gradient of the attack is an average over 4 noise draws
+    drowned = validate_robust_restorer(r, cfg, noise_std=1.0)
+    assert drowned["val_clean"] < plain["val_clean"] - 0.3
+    with pytest.raises(ConfigError, match="noise_std"):
+        validate_robust_restorer(r, cfg, noise_std=-0.1)

@@ -55,6 +55,7 @@ __all__ = [
     "trades_adversary",
     "trades_loss",
     "train_classifier",
+    "validation_indices",
 ]
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,19 @@ def make_optimizer(cfg: ClassifierTrainConfig, model: torch.nn.Module) -> torch.
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
 
+def validation_indices(n: int, val_size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (validation, rest) indices :func:`split_validation` picks from a training set of ``n`` images, sorted.
+
+    Raises:
+        ConfigError: the split would leave no training images.
+    """
+    k = 0 if val_size == 0 else max(1, round(val_size * n)) if val_size < 1 else int(val_size)
+    if k >= n:
+        raise ConfigError(f"val_size={val_size:g} holds out {k} of {n} training images: nothing left to train on")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[:k].sort().values, perm[k:].sort().values
+
+
 def split_validation(train: ImageDataset, val_size: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """Hold out a seeded validation split of the TRAINING set; return (rest, validation).
 
@@ -155,12 +169,7 @@ def split_validation(train: ImageDataset, val_size: float, seed: int) -> tuple[I
     Raises:
         ConfigError: the split would leave no training images.
     """
-    n = len(train)
-    k = 0 if val_size == 0 else max(1, round(val_size * n)) if val_size < 1 else int(val_size)
-    if k >= n:
-        raise ConfigError(f"val_size={val_size:g} holds out {k} of {n} training images: nothing left to train on")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
-    val_idx, train_idx = perm[:k].sort().values, perm[k:].sort().values
+    val_idx, train_idx = validation_indices(len(train), val_size, seed)
     val = ImageDataset(train.images[val_idx], train.labels[val_idx], train.class_names, f"{train.name}[val]")
     rest = ImageDataset(train.images[train_idx], train.labels[train_idx], train.class_names, train.name)
     return rest, val

@@ -53,12 +53,14 @@ from trn.checkpoint import (
 from trn.classifiers import load_classifier
 from trn.config import to_dict
 from trn.data import load_dataset
+from trn.defenses.rnd import random_noise
 from trn.errors import CheckpointError, ConfigError
 from trn.gradients import GradientMapEstimator, map_channels
 from trn.model import create_trn
 from trn.restorer import Restorer
 from trn.robustness import bpda, check_whitebox_vs_blackbox, worst_case
 from trn.train_agnostic import split_indices
+from trn.train_classifier import validation_indices
 from trn.utils import batches, pick_device, seed_everything
 from trn.widen import widen_trn
 
@@ -115,6 +117,10 @@ class RobustTrainConfig:
     # of this run's training images too, so that a restorer pair (the query shield's primary and fallback) can be
     # chosen on images neither trained on.
     exclude_val_of: str | None = None
+    # Validate on images the GUARD never trained on: the first ``val_size`` of the validation split its
+    # ``trn train-classifier`` run held out (its metadata's val_size and seed). Needed when the guard was trained on
+    # most of the training set and the comparison is the guard alone against restorer + guard (a stacked defence).
+    val_from_guard: bool = False
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.kinds) - set(ATTACK_KINDS))
@@ -245,7 +251,8 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
 
 
 @torch.no_grad()
-def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig) -> dict[str, float]:
+def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig, noise_std: float = 0.0,
+              eot_iter: int = 1) -> dict[str, float]:
     """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images; with
     ``square`` among the training kinds, the accuracy under the training's short Square too, and with ``guard``, under
     PGD-10 crafted on the guard alone (gray-box). With ``val_square_queries``, Square (score queries only, the
@@ -254,10 +261,14 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
     evaluation's white-box >= black-box check): a net that masks its gradients looks better under PGD than under
     Square. With ``val_apgd_steps`` too, APGD-CE and APGD-DLR on those images (``val_apgd{n}_on{m}``: correct under
     both), and the worst case and the flag use every white-box attack (``val_whitebox_on{m}``; PGD-10 alone without APGD):
-    a short PGD can miss what APGD finds on a net that is merely hard to optimise against."""
+    a short PGD can miss what APGD finds on a net that is merely hard to optimise against.
+
+    ``noise_std > 0`` puts fresh Gaussian noise in front of the restorer at every call (a randomised defence), and
+    ``eot_iter`` then averages every gradient attack's gradients over that many draws (EOT, Athalye et al. 2018)."""
     r.eval()
-    pipe = adaptive_pipeline(r, "gconst")
-    atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1)
+    restored = adaptive_pipeline(r, "gconst")
+    pipe = restored if noise_std == 0 else lambda xb: restored(random_noise(xb, noise_std, deterministic=False))
+    atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1, eot_iter=eot_iter)
     square = _training_attack(cfg, "square", 1) if "square" in cfg.kinds else None
     clean = sq = gray = 0
     pgd_ok = []  # (B,) bool per batch: correct under PGD-10
@@ -287,7 +298,8 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
         whitebox = [pgd[:m]]  # correctness masks of every white-box attack run on the m images
         if cfg.val_apgd_steps:
             n = cfg.val_apgd_steps
-            apgd_ok = worst_case([correct_under(create_attack("apgd", eps=cfg.eps, steps=n, loss=loss, seed=1))
+            apgd_ok = worst_case([correct_under(create_attack("apgd", eps=cfg.eps, steps=n, loss=loss, seed=1,
+                                                              eot_iter=eot_iter))
                                   for loss in ("ce", "dlr")])
             out[f"val_apgd{n}_on{m}"] = apgd_ok.float().mean().item()
             whitebox.append(apgd_ok)
@@ -308,18 +320,36 @@ def validation_images(cfg: RobustTrainConfig) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _split(cfg: RobustTrainConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(validation indices, training indices) of a dataset of ``n`` images: a pure function of ``seed``."""
+    """(validation indices, training indices) of a dataset of ``n`` images: a pure function of ``seed`` (or, with
+    ``val_from_guard``, of the guard checkpoint's own split)."""
+    if cfg.val_from_guard:
+        gcfg = load_checkpoint(cfg.guard, "cpu")[1].get("config") or {}
+        if not gcfg.get("val_size") or "seed" not in gcfg or gcfg.get("limit_train") is not None:
+            raise CheckpointError(f"val_from_guard: {cfg.guard}'s metadata names no validation split of the whole "
+                                  "training set (val_size, seed, no limit_train)")
+        guard_val = validation_indices(n, float(gcfg["val_size"]), int(gcfg["seed"]))[0]
+        if len(guard_val) < cfg.val_size:
+            raise ConfigError(f"val_from_guard: {cfg.guard} held out {len(guard_val)} images, fewer than val_size "
+                              f"({cfg.val_size})")
+        val = guard_val[: cfg.val_size]
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[val] = False
+        return val, rest.nonzero().squeeze(1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 12345))
     return order[: cfg.val_size], order[cfg.val_size :]
 
 
-def validate_robust_restorer(r: Restorer, cfg: RobustTrainConfig) -> dict[str, float]:
+def validate_robust_restorer(r: Restorer, cfg: RobustTrainConfig, noise_std: float = 0.0,
+                             eot_iter: int = 1) -> dict[str, float]:
     """The training run's validation figures (:func:`_validate`) for any restorer, on ``cfg``'s validation split:
-    compare a checkpoint with the one it started from, e.g. with ``val_square_queries`` set."""
+    compare a checkpoint with the one it started from, e.g. with ``val_square_queries`` set. ``noise_std > 0``
+    scores the restorer behind fresh Gaussian noise of that std, attacked with EOT over ``eot_iter`` draws."""
+    if noise_std < 0 or eot_iter < 1:
+        raise ConfigError(f"need noise_std >= 0 and eot_iter >= 1, got {noise_std} and {eot_iter}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     x, y = validation_images(cfg)
-    return _validate(r, x.to(r.device), y.to(r.device), cfg)
+    return _validate(r, x.to(r.device), y.to(r.device), cfg, noise_std, eot_iter)
 
 
 # What a checkpoint's metadata says it was trained against, per training-attack kind.

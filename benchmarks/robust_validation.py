@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--square-queries", type=int, default=1000)
     p.add_argument("--square-images", type=int, default=200)
     p.add_argument("--apgd-steps", type=int, default=0, help="APGD-CE and -DLR steps on the Square images (0: off)")
-    p.add_argument("--noise-std", type=float, default=0.0, help="fresh Gaussian noise in front of the restorer")
-    p.add_argument("--eot", type=int, default=1, help="gradient attacks average over this many noise draws")
+    p.add_argument("--noise-std", type=float, help="fresh Gaussian noise in front of the restorer (default: the "
+                   "config's noise_std)")
+    p.add_argument("--eot", type=int, help="gradient attacks average over this many noise draws (default: the "
+                   "config's val_eot_iter)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -42,17 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(RobustTrainConfig, args.config, [f"val_square_queries={args.square_queries}",
                                                         f"val_square_images={args.square_images}",
                                                         f"val_apgd_steps={args.apgd_steps}",
-                                                        f"threads={args.threads}"])
+                                                        f"threads={args.threads}",
+                                                        *([f"noise_std={args.noise_std}"] if args.noise_std is not None
+                                                          else []),
+                                                        *([f"val_eot_iter={args.eot}"] if args.eot is not None else [])])
     rows = {}
     for path in args.restorers:
-        rows[path] = validate_robust_restorer(Restorer.load(path), cfg, args.noise_std, args.eot)
+        rows[path] = validate_robust_restorer(Restorer.load(path), cfg)
         print(path, json.dumps({k: round(v, 4) for k, v in rows[path].items()}), flush=True)
     m, q, n = cfg.val_square_images, cfg.val_square_queries, cfg.val_apgd_steps
     apgd_cols = [f"APGD-CE/DLR-{n} (first {m})", f"every white-box attack (first {m})"] if n else []
     wb_name = "every white-box attack" if n else "PGD-10"
     print(f"\nvalidation split of {args.config} ({cfg.val_images} images; Square-{q} and the worst case on the "
-          f"first {m}), accuracy %" + (f"; noise std {args.noise_std:g} in front, EOT over {args.eot} draws"
-                                         if args.noise_std else ""))
+          f"first {m}), accuracy %" + (f"; noise std {cfg.noise_std:g} in front, EOT over {cfg.val_eot_iter} draws"
+                                         if cfg.noise_std else ""))
     print(" | ".join([f"| restorer | clean | PGD-10 | PGD-10 (first {m})", *apgd_cols, f"Square-{q} (first {m})",
                       f"worst case (first {m})", f"Square under {wb_name} by more than 2 points (masking) |"]))
     print("|---|" + "---:|" * (5 + len(apgd_cols)) + "---|")
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / "runs/robust_validation.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "square_queries": q, "square_images": m, "apgd_steps": n,
-                               "noise_std": args.noise_std, "eot_iter": args.eot, "rows": rows}, indent=2))
+                               "noise_std": cfg.noise_std, "eot_iter": cfg.val_eot_iter, "rows": rows}, indent=2))
     return 0
 
 

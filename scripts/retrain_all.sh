@@ -40,7 +40,8 @@ done
 # guard (~25 + ~32 min on one idle core, then ~24 min on 2 cores: PGD-10, and ~36 min: PGD-20); a fifth stage, not
 # shipped (one more PGD-20 epoch, ~40 min), and TRADES from stage 4 (~40 min); the width-32 ablation widened from
 # stage 2 (~70 min on 2 cores); the two-stream ablation (~60 min); a new restorer stacked on the PGD-AT guard
-# (needs classifier_fmnist_pgdat above); the TRADES baseline guard (4 epochs, best epoch on validation)
+# (needs classifier_fmnist_pgdat above); stage 4 behind Gaussian noise; the TRADES baseline guard (4 epochs, best
+# epoch on validation)
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_stage1.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_pgd10.yaml
@@ -51,6 +52,7 @@ done
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_wide.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_twostream.yaml
 .venv/bin/trn train-robust --config configs/trn_fmnist_robust_stacked.yaml   # a restorer on the PGD-AT guard (~45 min)
+.venv/bin/trn train-robust --config configs/trn_fmnist_robust_noise.yaml   # randomness ablation (~25 min)
 # issue 12: the query shield's fallback restorer, the agnostic net trained on 8-query Square images and gray-box PGD
 # (~17 min on 2 idle cores)
 .venv/bin/trn train-robust --config configs/trn_fmnist_fallback.yaml

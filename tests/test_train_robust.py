@@ -276,13 +276,15 @@ def test_val_from_guard_validates_on_images_the_guard_held_out() -> None:
         validation_images(RobustTrainConfig(**{**cfg.__dict__, "guard": "checkpoints/fmnist_guard"}))
 
 
-def test_validation_behind_noise_attacks_every_draw_with_eot(monkeypatch) -> None:
-    """``noise_std``: the restorer sees freshly noised images at every call, and each PGD step averages its gradient
-    over ``eot_iter`` draws (so the restorer runs about eot_iter times as often); noise that drowns the image drowns
-    the clean accuracy with it."""
+def test_noise_std_noises_training_and_validation_and_eot_averages_draws(monkeypatch) -> None:
+    """``noise_std``: the restorer sees freshly noised images at every call, in validation and in the training loss
+    (whose fidelity target stays the clean image), and with ``val_eot_iter`` each PGD step averages its gradient over
+    that many draws (so the restorer runs about that many times as often); noise that drowns the image drowns the
+    clean accuracy with it."""
     r = Restorer.load("checkpoints/trn_fmnist_robust")
     cfg = RobustTrainConfig(val_size=32, val_images=32, threads=1, device="cpu")
-    x, _ = validation_images(cfg)
+    noisy = RobustTrainConfig(**{**cfg.__dict__, "noise_std": 0.05, "val_eot_iter": 4})
+    x, y = validation_images(cfg)
     seen: list[torch.Tensor] = []
     forward = r.net.forward
     monkeypatch.setattr(r.net, "forward", lambda xb, g=None: (seen.append(xb.detach().clone()), forward(xb, g))[1])
@@ -290,10 +292,13 @@ def test_validation_behind_noise_attacks_every_draw_with_eot(monkeypatch) -> Non
     assert torch.equal(seen[0], x)  # no noise: the clean pass reads the images as they are
     n_plain = len(seen)
     seen.clear()
-    validate_robust_restorer(r, cfg, noise_std=0.05, eot_iter=4)
+    validate_robust_restorer(r, noisy)
     assert 0.02 < (seen[0] - x).std() < 0.08  # the clean pass reads noised images
     assert len(seen) >= 3 * n_plain  # every gradient of the attack is an average over 4 noise draws
-    drowned = validate_robust_restorer(r, cfg, noise_std=1.0)
+    seen.clear()
+    robust_loss(r, x[:8], x[:8], y[:8], noisy)
+    assert 0.02 < (seen[0] - torch.cat([x[:8], x[:8]])).std() < 0.08  # the training loss reads noised images too
+    drowned = validate_robust_restorer(r, RobustTrainConfig(**{**cfg.__dict__, "noise_std": 1.0}))
     assert drowned["val_clean"] < plain["val_clean"] - 0.3
     with pytest.raises(ConfigError, match="noise_std"):
-        validate_robust_restorer(r, cfg, noise_std=-0.1)
+        RobustTrainConfig(noise_std=-0.1)

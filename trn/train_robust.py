@@ -121,6 +121,12 @@ class RobustTrainConfig:
     # ``trn train-classifier`` run held out (its metadata's val_size and seed). Needed when the guard was trained on
     # most of the training set and the comparison is the guard alone against restorer + guard (a stacked defence).
     val_from_guard: bool = False
+    # Randomness (the issue's "noise, evaluated with EOT"): fresh Gaussian noise of this std in front of the restorer,
+    # in training (attack and loss; the L1 fidelity target stays the clean image) and in validation, whose gradient
+    # attacks then average over ``val_eot_iter`` draws. At inference the same noise must go in front (the defence
+    # stack's ``{name: rnd, std: ..., deterministic: false}``).
+    noise_std: float = 0.0
+    val_eot_iter: int = 1
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.kinds) - set(ATTACK_KINDS))
@@ -138,8 +144,16 @@ class RobustTrainConfig:
             raise ConfigError(f"val_images ({self.val_images}) cannot exceed val_size ({self.val_size})")
         if self.val_square_queries < 0 or (self.val_square_queries and not 0 < self.val_square_images <= self.val_images):
             raise ConfigError("need val_square_queries >= 0 and, with Square, 0 < val_square_images <= val_images")
+        if not 0 <= self.noise_std <= 1 or self.val_eot_iter < 1:
+            raise ConfigError(f"need 0 <= noise_std <= 1 and val_eot_iter >= 1, got {self.noise_std} and "
+                              f"{self.val_eot_iter}")
         if self.val_apgd_steps < 0 or (self.val_apgd_steps and not self.val_square_queries):
             raise ConfigError("val_apgd_steps needs val_square_queries (APGD runs on the Square images) and must be >= 0")
+
+
+def _noised(model: Callable[[torch.Tensor], torch.Tensor], std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` behind fresh Gaussian noise of ``std`` (a new draw at every call); ``model`` itself when ``std`` is 0."""
+    return model if std == 0 else lambda x: model(random_noise(x, std, deterministic=False))
 
 
 def adaptive_pipeline(restorer: Restorer, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -178,7 +192,7 @@ def robust_loss(restorer: Restorer, x: torch.Tensor, x_adv: torch.Tensor, y: tor
         x, x_adv: (B, C, H, W) in [0, 1]; y: (B,)
     """
     b = len(x)
-    xx = torch.cat([x, x_adv])                                    # (2B, C, H, W): clean first, then attacked
+    xx = random_noise(torch.cat([x, x_adv]), cfg.noise_std, deterministic=False)  # (2B, C, H, W): clean, attacked
     g = restorer.gradient_map(xx) if restorer.net.cfg.two_stream else None
     restored = restorer.net(xx, g)
     logits = restorer.guard(restored)
@@ -251,8 +265,7 @@ def _load_state(cfg: RobustTrainConfig, r: Restorer, opt: torch.optim.Optimizer)
 
 
 @torch.no_grad()
-def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig, noise_std: float = 0.0,
-              eot_iter: int = 1) -> dict[str, float]:
+def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainConfig) -> dict[str, float]:
     """Clean and adaptive (PGD-10, map held constant) accuracy of guard(restorer(.)) on validation images; with
     ``square`` among the training kinds, the accuracy under the training's short Square too, and with ``guard``, under
     PGD-10 crafted on the guard alone (gray-box). With ``val_square_queries``, Square (score queries only, the
@@ -263,11 +276,11 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
     both), and the worst case and the flag use every white-box attack (``val_whitebox_on{m}``; PGD-10 alone without APGD):
     a short PGD can miss what APGD finds on a net that is merely hard to optimise against.
 
-    ``noise_std > 0`` puts fresh Gaussian noise in front of the restorer at every call (a randomised defence), and
-    ``eot_iter`` then averages every gradient attack's gradients over that many draws (EOT, Athalye et al. 2018)."""
+    With ``noise_std``, fresh Gaussian noise goes in front of the restorer at every call (a randomised defence), and
+    every gradient attack averages its gradients over ``val_eot_iter`` draws (EOT, Athalye et al. 2018)."""
     r.eval()
-    restored = adaptive_pipeline(r, "gconst")
-    pipe = restored if noise_std == 0 else lambda xb: restored(random_noise(xb, noise_std, deterministic=False))
+    eot_iter = cfg.val_eot_iter
+    pipe = _noised(adaptive_pipeline(r, "gconst"), cfg.noise_std)
     atk = create_attack("pgd", eps=cfg.eps, steps=10, seed=1, eot_iter=eot_iter)
     square = _training_attack(cfg, "square", 1) if "square" in cfg.kinds else None
     clean = sq = gray = 0
@@ -313,7 +326,8 @@ def _validate(r: Restorer, x: torch.Tensor, y: torch.Tensor, cfg: RobustTrainCon
 
 def validation_images(cfg: RobustTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``val_images`` validation images (and labels) a run with ``cfg`` checks against: carved from the training
-    set by ``seed`` and ``val_size``, never trained on."""
+    set by ``seed`` and ``val_size`` (with ``val_from_guard``, out of the guard's own held-out images), never trained
+    on."""
     full = load_dataset(cfg.dataset, cfg.data_dir, "train")
     val_idx = _split(cfg, len(full))[0][: cfg.val_images]
     return full.images[val_idx], full.labels[val_idx]
@@ -339,17 +353,14 @@ def _split(cfg: RobustTrainConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[: cfg.val_size], order[cfg.val_size :]
 
 
-def validate_robust_restorer(r: Restorer, cfg: RobustTrainConfig, noise_std: float = 0.0,
-                             eot_iter: int = 1) -> dict[str, float]:
+def validate_robust_restorer(r: Restorer, cfg: RobustTrainConfig) -> dict[str, float]:
     """The training run's validation figures (:func:`_validate`) for any restorer, on ``cfg``'s validation split:
-    compare a checkpoint with the one it started from, e.g. with ``val_square_queries`` set. ``noise_std > 0``
-    scores the restorer behind fresh Gaussian noise of that std, attacked with EOT over ``eot_iter`` draws."""
-    if noise_std < 0 or eot_iter < 1:
-        raise ConfigError(f"need noise_std >= 0 and eot_iter >= 1, got {noise_std} and {eot_iter}")
+    compare a checkpoint with the one it started from, e.g. with ``val_square_queries`` set, or behind noise
+    (``noise_std``, ``val_eot_iter``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     x, y = validation_images(cfg)
-    return _validate(r, x.to(r.device), y.to(r.device), cfg, noise_std, eot_iter)
+    return _validate(r, x.to(r.device), y.to(r.device), cfg)
 
 
 # What a checkpoint's metadata says it was trained against, per training-attack kind.
@@ -402,7 +413,7 @@ def train_robust(cfg: RobustTrainConfig) -> Restorer:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # a pure function of the step: resume-safe
         kind = rng.choices(kinds, weights)[0]
         r.net.train()
-        target = r.guard if kind == "guard" else adaptive_pipeline(r, kind)
+        target = r.guard if kind == "guard" else _noised(adaptive_pipeline(r, kind), cfg.noise_std)
         x_adv = _training_attack(cfg, kind, rng.randrange(2**31))(target, x, y)
         loss, parts = robust_loss(r, x, x_adv, y, cfg)
         for group in opt.param_groups:  # cosine decay to 0, a pure function of the step (resume-safe)

@@ -116,6 +116,10 @@ def test_bad_yaml_and_non_mapping(tmp_path: Path) -> None:
         load_config(Cfg, _yaml(tmp_path, "epochs: [1, 2\n"))
     with pytest.raises(ConfigError, match="mapping of options at top level"):
         load_config(Cfg, _yaml(tmp_path, "- 1\n- 2\n"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00epochs: 1")  # not UTF-8 text: a clear error, not a UnicodeDecodeError
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Cfg, binary)
     with pytest.raises(ConfigError, match="expected a mapping of options"):
         from_dict(Cfg, [1, 2])
 

@@ -110,16 +110,18 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
     """The top-level mapping of YAML file ``path`` (``yaml.safe_load``), shared by every config loader.
 
     Raises:
-        ConfigError: the file is missing, not YAML, holds no options (empty or comments only: a file named on
+        ConfigError: the file is missing, unreadable, not YAML (or not UTF-8 text), holds no options (empty or comments only: a file named on
             purpose that says nothing is a mistake, not a request for the defaults), or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from e
     if data is None:
         raise ConfigError(
             f"config file {p} holds no options (empty or comments only); leave out --config for the defaults"

@@ -8,7 +8,9 @@ The images are the agnostic net's validation split (500 images carved from the t
 ``val_size`` and ``seed``; never the test set). For each restorer and each member (``checkpoints/NAME``), the attack is
 crafted on the member alone (gray-box: PGD-10 at eps, or CW-L2 with an L2 budget of 15 x eps and 50 steps, as ``trn
 eval``), and the member judges the restored images; the gradient map comes from the restorer's guard or, with ``--map
-downstream``, from the member. Prints clean / attacked accuracy after restoration per member and their means.
+downstream``, from the member. Prints clean / attacked accuracy after restoration per member and their means (a first
+row: undefended), and the mean PSNR (dB) to the clean image of the restored clean images, the attacked images and
+their restorations.
 ``--passes N`` restores N times in a row; ``--gate T`` passes through untouched every image the restorer would change
 by at most T RMS (:func:`trn.defenses.restoration_change`).
 """
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from trn.data import load_fashion_mnist
     from trn.defenses import restoration_change
     from trn.downstream import load_downstream
+    from trn.fidelity import psnr_per_image
     from trn.restorer import Restorer
     from trn.train_agnostic import split_train_val
 
@@ -59,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(x)} validation images; {args.attack.upper()} (eps {args.eps}) crafted on each member; map from "
           f"{args.map}; {args.passes} pass(es){'' if args.gate is None else f'; gate {args.gate}'}; accuracy % "
           "clean / attacked, after restoration\n")
-    print("| restorer | " + " | ".join(names) + " | mean |")
-    print("|---|" + "---:|" * (len(names) + 1))
+    print("| restorer | " + " | ".join(names) + " | mean | PSNR clean / attacked -> restored |")
+    print("|---|" + "---:|" * (len(names) + 2))
+    with torch.no_grad():  # the undefended row: each member on the clean and the attacked images themselves
+        raw = [[100 * (m(z).argmax(1) == y).float().mean().item() for z in (x, x_adv[n])] for n, m in members.items()]
+    psnr_adv = sum(psnr_per_image(x_adv[n], x).mean().item() for n in names) / len(names)
+    print("| none (undefended) | " + " | ".join(f"{c:.1f} / {a:.1f}" for c, a in raw) + " | "
+          + " / ".join(f"{sum(col) / len(names):.1f}" for col in zip(*raw)) + f" | - / {psnr_adv:.1f} -> - |")
     for ck in args.restorers:
         base = Restorer.load(ck)
-        cells, sums = [], [0.0, 0.0]
+        cells, sums, psnr = [], [0.0, 0.0], [0.0, 0.0, 0.0]
         for n, m in members.items():
             r = base.with_map_from(m) if args.map == "downstream" else base
 
@@ -77,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 return out
 
             with torch.no_grad():
-                accs = [100 * (m(restore(z)).argmax(1) == y).float().mean().item() for z in (x, x_adv[n])]
+                restored = [restore(z) for z in (x, x_adv[n])]
+                accs = [100 * (m(z).argmax(1) == y).float().mean().item() for z in restored]
+            for i, z in enumerate((restored[0], x_adv[n], restored[1])):
+                psnr[i] += psnr_per_image(z, x).mean().item() / len(names)
             cells.append(f"{accs[0]:.1f} / {accs[1]:.1f}")
             sums = [s + a for s, a in zip(sums, accs)]
         print(f"| {Path(ck).name} | " + " | ".join(cells) + f" | {sums[0] / len(names):.1f} / "
-              f"{sums[1] / len(names):.1f} |", flush=True)
+              f"{sums[1] / len(names):.1f} | {psnr[0]:.1f} / {psnr[1]:.1f} -> {psnr[2]:.1f} |", flush=True)
     return 0
 
 

@@ -251,3 +251,26 @@ def test_shipped_agnostic_restorer_protects_a_held_out_classifier():
         assert acc(r.restore(x_adv)) > 0.6
         assert acc(r.with_map_from(resnet).restore(x_adv)) > 0.6
         assert acc(r.restore(x)) > 0.8
+
+
+def test_agnostic_select_last_keeps_the_last_epoch(setup, tmp_path):
+    """``select: score`` keeps the best validation epoch (here the start, since lr 1.0 wrecks the net); ``select:
+    last`` keeps the last epoch whatever its score (the fidelity ablations)."""
+    from trn.train_agnostic import AgnosticTrainConfig, train_agnostic
+
+    d, clf = setup
+    torch.set_num_threads(1)
+    ds = load_dataset("fashion-mnist", None, "train").subset(160, 1)
+    kept = {}
+    for select in ("score", "last"):
+        cfg = AgnosticTrainConfig(zoo=["passed below"], init_from=str(d / "start"), attacks=["fgsm"], epochs=2,
+                                  epoch_images=64, batch_size=32, val_size=64, val_attack_steps=1, lr=1.0,
+                                  select_min_psnr=0.0, select=select, device="cpu", out=str(tmp_path / select))
+        r = train_agnostic(cfg, data=ds, zoo=[clf])
+        hist = r.metadata["history"]
+        assert [h["epoch"] for h in hist] == [0, 1, 2]
+        assert max(h["score"] for h in hist[1:]) < hist[0]["score"], hist  # the wrecked epochs score lower
+        kept[select] = r.metadata["selected_epoch"]
+    assert kept == {"score": 0, "last": 2}
+    with pytest.raises(ConfigError, match="select must be 'score' or 'last'"):
+        AgnosticTrainConfig(select="best")

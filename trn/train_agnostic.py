@@ -23,7 +23,8 @@ must give back the *clean image*, for classifiers it never saw:
 Model selection uses a validation split carved from the *training* set (``val_size`` images held out of training):
 after each epoch the net is scored by the zoo members' mean accuracy on restored clean and restored PGD-10 images
 (crafted on each member), epochs whose clean images come back below ``select_min_psnr`` dB ranking last, and the
-best epoch is what ``out`` holds. Resumable after every epoch (``OUT_train_state``).
+best epoch is what ``out`` holds (``select: last`` keeps the last epoch instead: for ablations whose objective the
+score does not measure, e.g. fidelity alone). Resumable after every epoch (``OUT_train_state``).
 
     trn train-agnostic --config configs/trn_fmnist_agnostic.yaml     (or python -m trn.train_agnostic CONFIG)
 """
@@ -115,6 +116,7 @@ class AgnosticTrainConfig:
     val_noise: bool = False                    # selection also scores restored random-sign noise (eps 0.1, the
                                                # first queries of Square-like attacks): score = clean + PGD + noise
     select_min_psnr: float = 32.0              # selection: epochs whose clean images come back below this rank last
+    select: Literal["score", "last"] = "score"  # out holds the best-scoring epoch, or the last one (ablations)
     seed: int = 0
     device: str = "auto"
     out: str = "checkpoints/trn_fmnist_agnostic"
@@ -138,6 +140,8 @@ class AgnosticTrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epoch_images is not None and self.epoch_images < 1:
             raise ConfigError(f"epoch_images must be >= 1 or null, got {self.epoch_images}")
+        if self.select not in ("score", "last"):
+            raise ConfigError(f"select must be 'score' or 'last', got {self.select!r}")
         for name in ("mse_weight", "clean_weight", "kl_weight", "feature_weight", "lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -447,12 +451,14 @@ def train_agnostic(cfg: AgnosticTrainConfig, data: ImageDataset | None = None,
         v = _validate(restorer, zoo, val, cfg, device)
         history.append({"epoch": epoch + 1, **v})
         log.info("epoch %d val (%d images): %s", epoch + 1, len(val), {k: round(x, 4) for k, x in v.items()})
-        best = max(history, key=lambda h: (h["psnr_clean"] >= cfg.select_min_psnr, h["score"]))
+        best = (history[-1] if cfg.select == "last" else
+                max(history, key=lambda h: (h["psnr_clean"] >= cfg.select_min_psnr, h["score"])))
         if best["epoch"] == epoch + 1:
             restorer.save(cfg.out, config=to_dict(cfg), history=history, selected_epoch=epoch + 1, **init,
                           val_images=len(val), train_seconds=round(time.time() - t0, 1), dataset=cfg.dataset,
                           torch=torch.__version__)
-            log.info("epoch %d is the best so far (score %.4f): saved %s", epoch + 1, v["score"], cfg.out)
+            log.info("epoch %d is %s (score %.4f): saved %s", epoch + 1,
+                     "the last" if cfg.select == "last" else "the best so far", v["score"], cfg.out)
         else:
             _update_history(cfg.out, history)
         _save_state(cfg, net, opt, epoch + 1, history)

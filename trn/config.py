@@ -110,8 +110,9 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
     """The top-level mapping of YAML file ``path`` (``yaml.safe_load``), shared by every config loader.
 
     Raises:
-        ConfigError: the file is missing, unreadable, not YAML (or not UTF-8 text), holds no options (empty or comments only: a file named on
-            purpose that says nothing is a mistake, not a request for the defaults), or is not a mapping.
+        ConfigError: the file is missing, unreadable, not YAML (or not UTF-8 text), holds no options (empty or
+            comments only: a file named on purpose that says nothing is a mistake, not a request for the defaults),
+            or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():

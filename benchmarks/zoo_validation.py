@@ -10,7 +10,8 @@ crafted on the member alone (gray-box: PGD-10 at eps, or CW-L2 with an L2 budget
 eval``), and the member judges the restored images; the gradient map comes from the restorer's guard or, with ``--map
 downstream``, from the member. Prints clean / attacked accuracy after restoration per member and their means (a first
 row: undefended), and the mean PSNR (dB) to the clean image of the restored clean images, the attacked images and
-their restorations.
+their restorations. ``--json PATH`` also writes every row (per-member accuracies, means, PSNR),
+``--plot PATH`` a PNG of mean accuracy against PSNR per restorer (:func:`trn.plots.plot_fidelity_tradeoff`).
 ``--passes N`` restores N times in a row; ``--gate T`` passes through untouched every image the restorer would change
 by at most T RMS (:func:`trn.defenses.restoration_change`).
 """
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map", choices=("guard", "downstream"), default="guard")
     p.add_argument("--passes", type=int, default=1)
     p.add_argument("--gate", type=float, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--plot", type=Path, default=None, help="also plot accuracy against PSNR here (PNG)")
     args = p.parse_args(argv)
     if args.passes < 1:
         p.error("--passes must be >= 1")
@@ -67,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():  # the undefended row: each member on the clean and the attacked images themselves
         raw = [[100 * (m(z).argmax(1) == y).float().mean().item() for z in (x, x_adv[n])] for n, m in members.items()]
     psnr_adv = sum(psnr_per_image(x_adv[n], x).mean().item() for n in names) / len(names)
+    rows = [{"restorer": "none", "members": {n: {"clean": c, "attacked": a} for n, (c, a) in zip(names, raw)},
+             "clean": sum(c for c, _ in raw) / len(names), "attacked": sum(a for _, a in raw) / len(names),
+             "psnr_attacked": psnr_adv}]
     print("| none (undefended) | " + " | ".join(f"{c:.1f} / {a:.1f}" for c, a in raw) + " | "
           + " / ".join(f"{sum(col) / len(names):.1f}" for col in zip(*raw)) + f" | - / {psnr_adv:.1f} -> - |")
     for ck in args.restorers:
         base = Restorer.load(ck)
-        cells, sums, psnr = [], [0.0, 0.0], [0.0, 0.0, 0.0]
+        cells, sums, psnr, per = [], [0.0, 0.0], [0.0, 0.0, 0.0], {}
         for n, m in members.items():
             r = base.with_map_from(m) if args.map == "downstream" else base
 
@@ -90,9 +96,23 @@ def main(argv: list[str] | None = None) -> int:
             for i, z in enumerate((restored[0], x_adv[n], restored[1])):
                 psnr[i] += psnr_per_image(z, x).mean().item() / len(names)
             cells.append(f"{accs[0]:.1f} / {accs[1]:.1f}")
+            per[n] = {"clean": accs[0], "attacked": accs[1]}
             sums = [s + a for s, a in zip(sums, accs)]
         print(f"| {Path(ck).name} | " + " | ".join(cells) + f" | {sums[0] / len(names):.1f} / "
               f"{sums[1] / len(names):.1f} | {psnr[0]:.1f} / {psnr[1]:.1f} -> {psnr[2]:.1f} |", flush=True)
+        rows.append({"restorer": Path(ck).name, "members": per, "clean": sums[0] / len(names),
+                     "attacked": sums[1] / len(names), "psnr_clean": psnr[0], "psnr_attacked": psnr[1],
+                     "psnr_restored": psnr[2]})
+    results = {"attack": args.attack, "eps": args.eps, "map": args.map, "images": len(x), "passes": args.passes,
+               "gate": args.gate, "rows": rows}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        from trn.plots import plot_fidelity_tradeoff
+
+        print(f"wrote {plot_fidelity_tradeoff(args.plot, results)}")
     return 0
 
 

@@ -27,8 +27,9 @@ done
 # against the zoo (0.5-2 min per zoo epoch, ~17 min for the restorer on one core), its three ablations (guard maps
 # only; a wider net from scratch; the five-member zoo), the fidelity-against-robustness ablations (fine-tunes of the
 # agnostic net, 8-13 min each on one core: a pure denoiser, narrow and wide; five times the fidelity on every image;
-# 5x and 14x the fidelity on clean images only, the 14x one also for 8 epochs, ~20 min, and with more CW-L2), and
-# the fitted row of the downstream matrix (trn fit on the ViT, a few minutes)
+# 5x and 14x the fidelity on clean images only, the 14x one also for 8 epochs, ~20 min, and with more CW-L2, then
+# both with 50-step CW-L2 for 8 epochs, ~32 min each), and the fitted row of the downstream matrix (trn fit on the
+# ViT, a few minutes)
 for m in mlp cnn bncnn resnet vit mixer dwcnn; do
   .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
 done
@@ -36,7 +37,7 @@ done
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_guardmap.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_zoo5.yaml
-for v in denoise denoise_wide fid cleanfid cleanfid14 cleanfid14_8ep cleanfid14_cw; do
+for v in denoise denoise_wide fid cleanfid cleanfid14 cleanfid14_8ep cleanfid14_cw cleanfid14_cw50 cleanfid_cw50; do
   .venv/bin/trn train-agnostic --config "configs/trn_fmnist_agnostic_${v}.yaml"
 done
 .venv/bin/trn fit --classifier checkpoints/zoo_fmnist_vit --restorer checkpoints/trn_fmnist_agnostic \

@@ -1,4 +1,5 @@
-"""PNG figures: sample grids (clean / adversarial / gradient map / restored) and accuracy-vs-eps curves."""
+"""PNG figures: sample grids (clean / adversarial / gradient map / restored), accuracy-vs-eps curves, adaptive bars
+and the fidelity-against-robustness scatter of restorer variants."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_accuracy_vs_eps", "plot_adaptive", "save_sample_grid"]
+__all__ = ["plot_accuracy_vs_eps", "plot_adaptive", "plot_fidelity_tradeoff", "save_sample_grid"]
 
 
 def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, restorer, device=None) -> Path:
@@ -105,6 +106,61 @@ def plot_adaptive(path: str | Path, results: dict) -> Path:
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity_tradeoff(path: str | Path, results: dict, strip: str = "trn_fmnist_") -> Path:
+    """Restorer variants as points: accuracy after restoration under attack against PSNR to the clean image.
+
+    ``results`` is what ``benchmarks/zoo_validation.py --json`` writes: ``rows`` of ``{"restorer", "attacked",
+    "psnr_clean", "psnr_attacked", "psnr_restored"}`` (accuracies in %, PSNR in dB), the first row being the
+    undefended one (``restorer: "none"``, no restored PSNR). Left panel: attacked images, their restoration's PSNR on
+    x (the attacked input's PSNR and that + 5 dB, issue 10's target, as dashed lines); right panel: clean images'
+    PSNR after restoration on x (32 dB dashed). Both share the y axis: mean accuracy after restoration under attack,
+    the undefended accuracy dashed. Names lose the ``strip`` prefix.
+
+    Example:
+        >>> plot_fidelity_tradeoff("docs/img/fidelity_tradeoff.png", json.loads(Path("zoo.json").read_text()))
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("psnr_restored") is not None]
+    if not rows:
+        raise ValueError("plot_fidelity_tradeoff needs at least one restorer row (with psnr_restored)")
+    none = next((r for r in results["rows"] if r["restorer"] == "none"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for ax, key, xlabel in ((axes[0], "psnr_restored", "PSNR of the restored attacked image to the clean one (dB)"),
+                            (axes[1], "psnr_clean", "PSNR of the restored clean image to itself (dB)")):
+        for k, r in enumerate(rows):  # numbered points, named once in the figure's legend below (names collide)
+            name = r["restorer"].removeprefix(strip)
+            ax.scatter(r[key], r["attacked"], color=f"C{k % 10}", s=40, zorder=3, label=f"{k + 1}: {name}")
+            ax.annotate(str(k + 1), (r[key], r["attacked"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if none is not None:
+            ax.axhline(none["attacked"], color="grey", ls=":", lw=1, label="undefended")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    base = rows[0]["psnr_attacked"]
+    axes[0].axvline(base, color="k", ls="--", lw=1, label=f"attacked input ({base:.1f} dB)")
+    axes[0].axvline(base + 5, color="C3", ls="--", lw=1, label="target: +5 dB")
+    axes[1].axvline(32, color="C3", ls="--", lw=1, label="target: 32 dB")
+    axes[0].set_ylabel(f"mean accuracy after restoration under {results.get('attack', 'attack').upper()} (%)",
+                       fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    n = len(rows)
+    fig.legend(handles[:n], labels[:n], fontsize=7, loc="lower center", ncol=min(n, 4), frameon=False)
+    for ax in axes:  # each panel's own reference lines; the points are named once, in the figure's legend
+        h, lab = ax.get_legend_handles_labels()
+        ax.legend(h[n:], lab[n:], fontsize=7, loc="lower right")
+    fig.suptitle(f"fidelity against robustness: {results.get('images', '?')} validation images, "
+                 f"{len(rows[0].get('members', {})) or '?'} classifiers, eps {results.get('eps', '?')}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * ((n + 3) // 4), 1, 1))  # room for the restorers' legend
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

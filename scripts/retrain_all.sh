@@ -25,11 +25,11 @@ done
 # issue 10: the classifier zoo (mlp and cnn train the agnostic TRN; bncnn, resnet and vit are held out; mixer and
 # dwcnn join the five-member ablation zoo), then the downstream-agnostic TRN, a fine-tune of checkpoints/trn_fmnist
 # against the zoo (0.5-2 min per zoo epoch, ~17 min for the restorer on one core), its ablations (guard maps only; a
-# wider net from scratch, then trained on; the five-member zoo), the fidelity-against-robustness ablations (fine-tunes
-# of the agnostic net, 8-13 min each on one core: a pure denoiser, narrow and wide; five times the fidelity on every
-# image; 5x and 14x the fidelity on clean images only, the 14x one also for 8 epochs, ~20 min, and with more CW-L2,
-# then both with 50-step CW-L2 for 8 epochs, ~32 min each), and the fitted row of the downstream matrix (trn fit on
-# the ViT, a few minutes)
+# wider net from scratch, then trained on, then against five members; the five-member zoo), the fidelity-against-
+# robustness ablations (fine-tunes of the agnostic net, 8-13 min each on one core: a pure denoiser, narrow and wide;
+# five times the fidelity on every image; 5x and 14x the fidelity on clean images only, the 14x one also for 8
+# epochs, ~20 min, and with more CW-L2, then both with 50-step CW-L2 for 8 epochs, ~32 min each), and the fitted row
+# of the downstream matrix (trn fit on the ViT, a few minutes)
 for m in mlp cnn bncnn resnet vit mixer dwcnn; do
   .venv/bin/trn train-classifier --config "configs/zoo_${m}.yaml"
 done
@@ -37,6 +37,7 @@ done
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_guardmap.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide.yaml
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide_cont.yaml  # 12 more epochs, ~42 min
+.venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_wide_zoo5.yaml  # 10 more, five members, ~42 min
 .venv/bin/trn train-agnostic --config configs/trn_fmnist_agnostic_zoo5.yaml
 for v in denoise denoise_wide fid cleanfid cleanfid14 cleanfid14_8ep cleanfid14_cw cleanfid14_cw50 cleanfid_cw50; do
   .venv/bin/trn train-agnostic --config "configs/trn_fmnist_agnostic_${v}.yaml"

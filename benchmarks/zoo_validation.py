@@ -29,6 +29,14 @@ REPO = Path(__file__).resolve().parent.parent
 MEMBERS = "fmnist_guard,zoo_fmnist_mlp,zoo_fmnist_cnn,zoo_fmnist_mixer,zoo_fmnist_dwcnn"
 
 
+def _row(restorer: str, accs: dict[str, list[float]], **psnr: float) -> dict:
+    """One restorer's result: ``accs`` maps each member to its [clean, attacked] accuracy (%); means over members."""
+    members = {n: {"clean": c, "attacked": a} for n, (c, a) in accs.items()}
+    return {"restorer": restorer, "members": members,
+            "clean": sum(v["clean"] for v in members.values()) / len(members),
+            "attacked": sum(v["attacked"] for v in members.values()) / len(members), **psnr}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("restorers", nargs="+", help="restorer checkpoints")
@@ -70,14 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():  # the undefended row: each member on the clean and the attacked images themselves
         raw = [[100 * (m(z).argmax(1) == y).float().mean().item() for z in (x, x_adv[n])] for n, m in members.items()]
     psnr_adv = sum(psnr_per_image(x_adv[n], x).mean().item() for n in names) / len(names)
-    rows = [{"restorer": "none", "members": {n: {"clean": c, "attacked": a} for n, (c, a) in zip(names, raw)},
-             "clean": sum(c for c, _ in raw) / len(names), "attacked": sum(a for _, a in raw) / len(names),
-             "psnr_attacked": psnr_adv}]
-    print("| none (undefended) | " + " | ".join(f"{c:.1f} / {a:.1f}" for c, a in raw) + " | "
-          + " / ".join(f"{sum(col) / len(names):.1f}" for col in zip(*raw)) + f" | - / {psnr_adv:.1f} -> - |")
+    rows = [_row("none", dict(zip(names, raw)), psnr_attacked=psnr_adv)]
+    print("| none (undefended) | " + " | ".join(f"{c:.1f} / {a:.1f}" for c, a in raw)
+          + f" | {rows[0]['clean']:.1f} / {rows[0]['attacked']:.1f} | - / {psnr_adv:.1f} -> - |")
     for ck in args.restorers:
         base = Restorer.load(ck)
-        cells, sums, psnr, per = [], [0.0, 0.0], [0.0, 0.0, 0.0], {}
+        psnr, per = [0.0, 0.0, 0.0], {}
         for n, m in members.items():
             r = base.with_map_from(m) if args.map == "downstream" else base
 
@@ -95,14 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                 accs = [100 * (m(z).argmax(1) == y).float().mean().item() for z in restored]
             for i, z in enumerate((restored[0], x_adv[n], restored[1])):
                 psnr[i] += psnr_per_image(z, x).mean().item() / len(names)
-            cells.append(f"{accs[0]:.1f} / {accs[1]:.1f}")
-            per[n] = {"clean": accs[0], "attacked": accs[1]}
-            sums = [s + a for s, a in zip(sums, accs)]
-        print(f"| {Path(ck).name} | " + " | ".join(cells) + f" | {sums[0] / len(names):.1f} / "
-              f"{sums[1] / len(names):.1f} | {psnr[0]:.1f} / {psnr[1]:.1f} -> {psnr[2]:.1f} |", flush=True)
-        rows.append({"restorer": Path(ck).name, "members": per, "clean": sums[0] / len(names),
-                     "attacked": sums[1] / len(names), "psnr_clean": psnr[0], "psnr_attacked": psnr[1],
-                     "psnr_restored": psnr[2]})
+            per[n] = accs
+        row = _row(Path(ck).name, per, psnr_clean=psnr[0], psnr_attacked=psnr[1], psnr_restored=psnr[2])
+        rows.append(row)
+        print(f"| {row['restorer']} | " + " | ".join(f"{c:.1f} / {a:.1f}" for c, a in per.values())
+              + f" | {row['clean']:.1f} / {row['attacked']:.1f} | {psnr[0]:.1f} / {psnr[1]:.1f} -> {psnr[2]:.1f} |",
+              flush=True)
     results = {"attack": args.attack, "eps": args.eps, "map": args.map, "images": len(x), "passes": args.passes,
                "gate": args.gate, "rows": rows}
     if args.json is not None:

@@ -30,3 +30,12 @@ def test_fidelity_tradeoff_needs_a_restorer_row(tmp_path):
     with pytest.raises(ValueError, match="at least one restorer row"):
         plot_fidelity_tradeoff(tmp_path / "x.png", _results(0))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_accuracy_vs_eps_writes_into_a_folder_that_does_not_exist_yet(tmp_path):
+    from trn.plots import plot_accuracy_vs_eps
+
+    results = {"sweep": {"0.05": {"pgd": {"none": 0.4, "trn": 0.9}}, "0.1": {"pgd": {"none": 0.0, "trn": 0.8}}},
+               "adaptive": {"0.1": {"trn": {"worst": 0.1}}}}
+    out = plot_accuracy_vs_eps(tmp_path / "new" / "eps.png", results)
+    assert out == tmp_path / "new" / "eps.png" and out.read_bytes()[:4] == b"\x89PNG"

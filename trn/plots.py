@@ -10,6 +10,17 @@ import torch
 __all__ = ["plot_accuracy_vs_eps", "plot_adaptive", "plot_fidelity_tradeoff", "save_sample_grid"]
 
 
+def _save(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` as PNG (its folder made if missing) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, restorer, device=None) -> Path:
     """Four rows: clean, adversarial, estimated gradient map of the adversarial image, restored. Columns: images."""
     import matplotlib
@@ -44,11 +55,7 @@ def save_sample_grid(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, r
             if j == 0:
                 ax.set_ylabel(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -> Path:
@@ -76,10 +83,7 @@ def plot_accuracy_vs_eps(path: str | Path, results: dict, attack: str = "pgd") -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="center right")  # the adaptive points sit low at the middle eps
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_adaptive(path: str | Path, results: dict) -> Path:
@@ -105,10 +109,7 @@ def plot_adaptive(path: str | Path, results: dict) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_fidelity_tradeoff(path: str | Path, results: dict, strip: str = "trn_fmnist_") -> Path:
@@ -119,7 +120,7 @@ def plot_fidelity_tradeoff(path: str | Path, results: dict, strip: str = "trn_fm
     undefended one (``restorer: "none"``, no restored PSNR). Left panel: attacked images, their restoration's PSNR on
     x (the attacked input's PSNR and that + 5 dB, issue 10's target, as dashed lines); right panel: clean images'
     PSNR after restoration on x (32 dB dashed). Both share the y axis: mean accuracy after restoration under attack,
-    the undefended accuracy dashed. Names lose the ``strip`` prefix.
+    the undefended accuracy dotted. Names lose the ``strip`` prefix.
 
     Example:
         >>> plot_fidelity_tradeoff("docs/img/fidelity_tradeoff.png", json.loads(Path("zoo.json").read_text()))
@@ -159,8 +160,4 @@ def plot_fidelity_tradeoff(path: str | Path, results: dict, strip: str = "trn_fm
     fig.suptitle(f"fidelity against robustness: {results.get('images', '?')} validation images, "
                  f"{len(rows[0].get('members', {})) or '?'} classifiers, eps {results.get('eps', '?')}", fontsize=9)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * ((n + 3) // 4), 1, 1))  # room for the restorers' legend
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
